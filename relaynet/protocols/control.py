@@ -1,0 +1,146 @@
+# -*- test-case-name: relaynet.test.test_control -*-
+"""
+A listener's control channel.
+
+The relay sends C{accept} commands on it; the listener sends C{renewToken}.
+The channel lives while its token does: past the token's expiry (and the
+grace period) without a renewal it is closed with code 1008.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relaynet.auth import Rights, SasToken
+from relaynet.core import HandshakeInfo, Relay
+from relaynet.entities import Entity
+from relaynet.errors import RelayError
+from relaynet.registry import IListenerChannel
+
+if TYPE_CHECKING:
+    from relaynet.protocols.websocket import HybridConnectionProtocol
+
+__all__ = ["ControlChannel"]
+
+log = Logger()
+
+POLICY_VIOLATION = 1008
+GOING_AWAY = 1001
+
+
+@implementer(IListenerChannel)
+class ControlChannel:
+    """
+    The relay's side of one listener's control channel.
+
+    @ivar listenerId: the listener's C{sb-hc-id}, or one made for it.
+    @ivar rendezvousBase: the scheme and host the listener reached the relay
+        by, where it is sent to accept connections.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        proto: HybridConnectionProtocol,
+        entity: Entity,
+        info: HandshakeInfo,
+        token: SasToken,
+        listenerId: str,
+    ) -> None:
+        self.relay = relay
+        self.proto = proto
+        self.entity = entity
+        self.info = info
+        self.listenerId = listenerId
+        self.rendezvousBase = info.baseUrl
+        self.registered = False
+        self._token = token
+        self._expiry: IDelayedCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<ControlChannel {self.entity.name} {self.listenerId}>"
+
+    async def register(self) -> None:
+        await self.relay.registry.register(self.entity, self)
+        self.registered = True
+
+    def opened(self) -> None:
+        log.info(
+            "listener {listener} on {entity} up from {peer}",
+            listener=self.listenerId,
+            entity=self.entity.name,
+            peer=self.info.peerHost,
+        )
+        self._scheduleExpiry()
+
+    def _scheduleExpiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        clock = self.relay.clock
+        delay = self._token.expiry + self.relay.settings.tokenGrace - clock.seconds()
+        self._expiry = clock.callLater(max(delay, 0), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        when = datetime.datetime.fromtimestamp(self._token.expiry, datetime.timezone.utc)
+        self.close(POLICY_VIOLATION, f"The token expired at {when:%Y-%m-%dT%H:%M:%SZ} and was not renewed.")
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        Close the channel from the relay's side.
+        """
+        self.lost()
+        log.info(
+            "closing listener {listener} on {entity}: {code} {reason}",
+            listener=self.listenerId,
+            entity=self.entity.name,
+            code=code,
+            reason=reason,
+        )
+        self.proto.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+
+    def sendCommand(self, command: dict[str, Any]) -> None:
+        self.proto.sendMessage(json.dumps(command, separators=(",", ":")).encode("utf-8"), isBinary=False)
+
+    def messageReceived(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            # A stray body (hyco-https sends an empty one after body:false).
+            return
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.warn("listener {listener} sent a message that is not JSON", listener=self.listenerId)
+            return
+        if isinstance(message, dict) and isinstance(message.get("renewToken"), dict):
+            self._renew(message["renewToken"].get("token"))
+        else:
+            kind = next(iter(message), None) if isinstance(message, dict) else type(message).__name__
+            log.warn("listener {listener} sent an unknown command {kind!r}", listener=self.listenerId, kind=kind)
+
+    def _renew(self, token: object) -> None:
+        try:
+            if not isinstance(token, str):
+                raise RelayError("renewToken has no token string")
+            checked = self.relay.authorize(self.info, self.entity, Rights.LISTEN, token=token, grace=True)
+        except RelayError as e:
+            self.close(POLICY_VIOLATION, f"Token renewal failed: {e.reason}")
+            return
+        assert checked is not None
+        self._token = checked
+        self._scheduleExpiry()
+        log.debug("listener {listener} renewed its token", listener=self.listenerId)
+
+    def lost(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        if self.registered:
+            self.registered = False
+            self.relay.listenerLeft(self.entity, self)
+            log.info("listener {listener} on {entity} gone", listener=self.listenerId, entity=self.entity.name)

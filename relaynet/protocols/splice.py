@@ -1,0 +1,139 @@
+# -*- test-case-name: relaynet.test.test_splice -*-
+"""
+Splicing a sender's WebSocket to a listener's rendezvous WebSocket.
+
+Messages pass frame by frame as they arrive, text stays text and binary stays
+binary, and nothing is buffered in the relay: when one side's send buffer is
+full the relay stops reading the other side (end-to-end backpressure).
+
+A close from one side is passed on to the other without being answered, so
+the other side may still send (half-close); its close is then passed back,
+and both connections end.  A side whose TCP connection dies without a close
+takes the other side down with it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IPushProducer, ITransport
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from relaynet.protocols.websocket import HybridConnectionProtocol
+
+__all__ = ["Leg", "splice"]
+
+OPEN = WebSocketProtocol.STATE_OPEN
+CLOSING = WebSocketProtocol.STATE_CLOSING
+
+
+@implementer(IPushProducer)
+class _ReadSide:
+    """
+    The reading half of a transport, as a producer for the other side: it
+    pauses and resumes reading, and leaves closing to the splice.
+    """
+
+    def __init__(self, transport: ITransport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Leg:
+    """
+    One side of a splice: the frames its peer sends go to the partner.
+    """
+
+    partner: Leg | None = None
+    halfClosed = False
+
+    def __init__(self, proto: HybridConnectionProtocol) -> None:
+        self.proto = proto
+
+    def _target(self) -> HybridConnectionProtocol | None:
+        if self.partner is not None and self.partner.proto.state == OPEN:
+            return self.partner.proto
+        return None
+
+    def messageBegin(self, isBinary: bool) -> None:
+        target = self._target()
+        if target is not None:
+            target.beginMessage(isBinary=isBinary)
+
+    def frameBegin(self, length: int) -> None:
+        target = self._target()
+        if target is not None:
+            target.beginMessageFrame(length)
+            if not length:
+                target.sendMessageFrameData(b"")
+
+    def frameData(self, payload: bytes) -> None:
+        target = self._target()
+        if target is not None and payload:
+            target.sendMessageFrameData(payload)
+
+    def messageEnd(self) -> None:
+        target = self._target()
+        if target is not None:
+            target.endMessage()
+
+    def closeFrame(self, code: int | None, reason: bytes | None) -> bool:
+        """
+        The peer sent a close frame.
+
+        @return: C{True} if the splice took care of it, C{False} to let the
+            protocol answer as usual.
+        """
+        partner = self.partner
+        if partner is None:
+            return False
+        if self.proto.state == OPEN and partner.proto.state == OPEN:
+            # The peer starts closing: pass it on and keep this side open
+            # for whatever the other peer still sends.
+            self.halfClosed = True
+            self.proto.wasClean = True
+            partner.proto.sendCloseFrame(code=code, reasonUtf8=reason)
+            return True
+        if partner.halfClosed and partner.proto.state == OPEN:
+            # The answer to a close passed on earlier: pass it back.
+            partner.proto.sendCloseFrame(code=code, reasonUtf8=reason, isReply=True)
+            partner.proto.dropConnection(abort=False)
+        return False
+
+    def lost(self) -> None:
+        """
+        This side's connection is gone.
+        """
+        partner, self.partner = self.partner, None
+        if partner is None:
+            return
+        partner.partner = None
+        transport = partner.proto.transport
+        transport.unregisterProducer()
+        if partner.proto.state == OPEN:
+            # Without a close from this side, the other cannot end cleanly.
+            partner.proto.dropConnection(abort=not partner.halfClosed)
+        else:
+            # Closing: it must read its peer's answer even if this side had
+            # paused it.
+            transport.resumeProducing()
+
+def splice(a: Leg, b: Leg) -> None:
+    """
+    Join two open legs: each passes its frames to the other, and each stops
+    reading while the other cannot write.
+    """
+    a.partner, b.partner = b, a
+    ta, tb = a.proto.transport, b.proto.transport
+    ta.registerProducer(_ReadSide(tb), True)
+    tb.registerProducer(_ReadSide(ta), True)

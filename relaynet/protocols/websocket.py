@@ -1,0 +1,430 @@
+# -*- test-case-name: relaynet.test.test_websocket -*-
+"""
+The Hybrid Connections WebSocket actions under C{/$hc/}: C{listen} (a
+listener's control channel), C{connect} (a sender), and C{accept} (a
+listener taking, or rejecting, a sender at the rendezvous).
+
+L{HybridConnectionResource} takes the connection over from C{twisted.web}
+and hands it to a L{HybridConnectionProtocol}, an autobahn server protocol
+whose role is settled by the action it is asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+from urllib.parse import parse_qsl, quote, unquote
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from relaynet.auth import Rights
+from relaynet.core import HandshakeInfo, Relay
+from relaynet.errors import BadRequest, Gone, ListenerTimeout, RelayError, safeReason
+from relaynet.protocols.control import GOING_AWAY, ControlChannel
+from relaynet.protocols.splice import Leg, splice
+from relaynet.registry import newConnectionId
+
+__all__ = ["ClockTimer", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
+
+log = Logger()
+
+MAX_ID_LENGTH = 128
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+# How clients usually spell the headers Twisted stores in lower case.
+_SPELLING = {
+    "sec-websocket-key": "Sec-WebSocket-Key",
+    "sec-websocket-version": "Sec-WebSocket-Version",
+    "sec-websocket-protocol": "Sec-WebSocket-Protocol",
+    "sec-websocket-extensions": "Sec-WebSocket-Extensions",
+}
+_PRIVATE_HEADERS = {"servicebusauthorization"}
+
+
+def _deny(error: RelayError) -> ConnectionDeny:
+    return ConnectionDeny(error.status, safeReason(error.reason))
+
+
+def stripRelayParameters(rawQuery: str) -> str:
+    """
+    The query without any C{sb-hc-} parameter that has a value, the rest kept
+    byte for byte.
+    """
+    kept = [p for p in rawQuery.split("&") if not (p.lower().startswith("sb-hc-") and "=" in p)]
+    return "&".join(kept) if any(kept) or len(kept) > 1 else ""
+
+
+class PendingSender:
+    """
+    A sender whose upgrade is held until its listener accepts or rejects.
+    """
+
+    def __init__(self, proto: HybridConnectionProtocol, offered: list[str]) -> None:
+        self.proto = proto
+        self.offered = offered
+        self.result: Deferred[str | None] = Deferred()
+
+    def deny(self, error: RelayError) -> None:
+        self.result.errback(_deny(error))
+
+    def reject(self, status: int, description: str) -> None:
+        self.result.errback(ConnectionDeny(status, safeReason(description)))
+
+    def accept(self, protocol: str | None) -> None:
+        self.result.callback(protocol if protocol in self.offered else None)
+
+
+class HybridConnectionProtocol(WebSocketServerProtocol):
+    """
+    One WebSocket under C{/$hc/}: a control channel or one leg of a
+    relayed connection.
+    """
+
+    factory: HybridConnectionFactory
+    info: HandshakeInfo
+    role: ControlChannel | Leg | None = None
+    _pendingId: str | None = None
+    _pendingSender: PendingSender | None = None
+
+    @property
+    def relay(self) -> Relay:
+        return self.factory.relay
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._connect(request))
+
+    async def _connect(self, request: ConnectionRequest) -> Any:
+        try:
+            action = self.info.query.get("sb-hc-action", "connect")
+            if action == "listen":
+                return await self._listen()
+            if action == "connect":
+                return await self._sender(request)
+            if action == "accept":
+                return self._accept(request)
+            raise BadRequest(f"Unsupported action '{action}'.")
+        except RelayError as e:
+            log.info(
+                "refused {action} on {path} from {peer}: {error}",
+                action=self.info.query.get("sb-hc-action", "connect"),
+                path=self.info.path,
+                peer=self.info.peerHost,
+                error=str(e),
+            )
+            raise _deny(e) from None
+        except ConnectionDeny:
+            raise
+        except Exception:
+            log.failure("internal error on {path}", path=self.info.path)
+            raise ConnectionDeny(500, "Internal server error.") from None
+
+    def _clientId(self) -> str | None:
+        clientId = self.info.query.get("sb-hc-id")
+        if clientId is not None and len(clientId) > MAX_ID_LENGTH:
+            raise BadRequest(f"sb-hc-id is longer than {MAX_ID_LENGTH} characters.")
+        return clientId
+
+    async def _listen(self) -> None:
+        relay = self.relay
+        entity = relay.namespace.forListener(self.info.path)
+        try:
+            token = relay.authorize(self.info, entity, Rights.LISTEN)
+            assert token is not None
+            channel = ControlChannel(relay, self, entity, self.info, token, self._clientId() or newConnectionId(None))
+            self.role = channel
+            await channel.register()
+        except RelayError:
+            if relay.registry.listenerCount(entity) == 0:
+                relay.namespace.listenersGone(entity)
+            raise
+        settings = relay.settings
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = settings.maxControlMessage
+        self.autoPingInterval = settings.pingInterval
+        self.autoPingTimeout = settings.pingTimeout
+        return None
+
+    async def _sender(self, request: ConnectionRequest) -> str | None:
+        relay = self.relay
+        entity, suffix = relay.namespace.resolve(self.info.path)
+        relay.authorize(self.info, entity, Rights.SEND)
+        rendezvousId = newConnectionId(self._clientId())
+        pending = PendingSender(self, list(request.protocols))
+        if not relay.rendezvous.add(
+            rendezvousId,
+            pending,
+            relay.settings.acceptTimeout,
+            lambda p: p.deny(
+                ListenerTimeout(
+                    "None of the connected listeners accepted the connection within the allowed timeout. "
+                    f"TrackingId:{rendezvousId}, SystemTracker:{entity.name}"
+                )
+            ),
+        ):
+            raise RelayError("The relay is busy: too many connections are waiting for a listener.")
+        self._pendingId = rendezvousId
+        self._pendingSender = pending
+        query = stripRelayParameters(self.info.rawQuery)
+        pathPart = quote(entity.name + suffix, safe="/;:@&=+$,!~*'()-._")
+
+        def acceptCommand(channel: ControlChannel) -> dict[str, Any]:
+            address = (
+                f"{channel.rendezvousBase}/$hc/{pathPart}?{query + '&' if query else ''}"
+                f"sb-hc-action=accept&sb-hc-id={quote(rendezvousId, safe='')}"
+            )
+            return {
+                "accept": {
+                    "address": address,
+                    "id": rendezvousId,
+                    "connectHeaders": self._connectHeaders(),
+                    "remoteEndpoint": self.info.remoteEndpoint(),
+                }
+            }
+
+        try:
+            channel = await relay.registry.deliver(entity, acceptCommand)
+        except RelayError:
+            relay.rendezvous.take(rendezvousId)
+            self._pendingId = None
+            raise
+        log.debug(
+            "sender {id} on {entity} offered to {listener}",
+            id=rendezvousId,
+            entity=entity.name,
+            listener=channel.listenerId,
+        )
+        # The listener's arrival at the rendezvous makes this side a leg.
+        protocol = await pending.result
+        self._pendingSender = None
+        return protocol
+
+    def _connectHeaders(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in self.info.headers:
+            if name.lower() in _PRIVATE_HEADERS:
+                continue
+            name = _SPELLING.get(name.lower(), name)
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return headers
+
+    def _accept(self, request: ConnectionRequest) -> str | None:
+        rendezvousId = self.info.query.get("sb-hc-id", "")
+        pending = self.relay.rendezvous.take(rendezvousId)
+        if pending is None:
+            raise ListenerTimeout(
+                f"Unknown connection id {rendezvousId!r}. Is the listener accepting the connection too late?"
+            )
+        query = self.info.query
+        status = query.get("sb-hc-statusCode", query.get("statusCode"))
+        if status is not None:
+            description = query.get("sb-hc-statusDescription", query.get("statusDescription", ""))
+            try:
+                code = int(status)
+                if not 100 <= code <= 999:
+                    raise ValueError(code)
+            except ValueError:
+                pending.deny(BadRequest("The listener rejected the connection with an invalid status code."))
+                raise BadRequest("sb-hc-statusCode must be an integer between 100 and 999.") from None
+            pending.reject(code, description or "Rejected by the listener")
+            raise Gone("The connection was rejected.")
+        self.role = Leg(self)
+        self._pendingSender = pending
+        return request.protocols[0] if request.protocols else None
+
+    def onOpen(self) -> None:
+        if isinstance(self.role, ControlChannel):
+            self.role.opened()
+        elif self._pendingSender is not None and isinstance(self.role, Leg):
+            # The listener is at the rendezvous: open the sender, and join
+            # them before either can send.
+            pending, self._pendingSender = self._pendingSender, None
+            sender = pending.proto
+            sender.role = Leg(sender)
+            self.role.partner = sender.role
+            sender.role.partner = self.role
+            pending.accept(self.websocket_protocol_in_use)
+            if sender.state == self.STATE_OPEN:
+                splice(sender.role, self.role)
+            else:
+                self.dropConnection(abort=True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isinstance(self.role, ControlChannel):
+            self.role.messageReceived(payload, isBinary)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        if isinstance(self.role, Leg):
+            self.role.messageBegin(isBinary)
+        else:
+            super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        if isinstance(self.role, Leg):
+            self.role.frameBegin(length)
+        else:
+            super().onMessageFrameBegin(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if isinstance(self.role, Leg):
+            self.role.frameData(payload)
+        else:
+            super().onMessageFrameData(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        if not isinstance(self.role, Leg):
+            super().onMessageFrameEnd()
+
+    def onMessageEnd(self) -> None:
+        if isinstance(self.role, Leg):
+            self.role.messageEnd()
+        else:
+            super().onMessageEnd()
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        if isinstance(self.role, Leg) and self.role.closeFrame(code, reasonRaw):
+            return None
+        if isinstance(self.role, ControlChannel):
+            self.role.lost()
+        return super().onCloseFrame(code, reasonRaw)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._pendingId is not None:
+            self.relay.rendezvous.take(self._pendingId)
+            self._pendingId = None
+        if self.role is not None:
+            self.role.lost()
+        self.factory.connections.discard(self)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connections.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        # autobahn leaves this timer running when the connection goes.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
+        super().connectionLost(reason)
+
+    def goAway(self) -> None:
+        """
+        The relay is stopping: close with 1001.
+        """
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"The relay is shutting down.")
+        elif self.state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+
+
+class ClockTimer:
+    """
+    autobahn's timer interface over an injected clock: its own batched timer
+    uses the global reactor and leaves its calls pending after they are
+    cancelled.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+
+    def call_later(self, delay: float, func: Callable[..., Any], *args: Any, **kwargs: Any) -> IDelayedCall:
+        return self._clock.callLater(delay, func, *args, **kwargs)
+
+
+class HybridConnectionFactory(WebSocketServerFactory):
+    protocol = HybridConnectionProtocol
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(server="relaynet")
+        self._batched_timer = ClockTimer(relay.clock)
+        self.relay = relay
+        self.connections: set[HybridConnectionProtocol] = set()
+        settings = relay.settings
+        self.setProtocolOptions(
+            # Legs stream frames through, so no frame or message is held
+            # whole; control channels set their own limits.
+            maxFramePayloadSize=0,
+            maxMessagePayloadSize=0,
+            # A sender's handshake is held while its listener decides.
+            openHandshakeTimeout=settings.acceptTimeout + 10,
+            closeHandshakeTimeout=settings.closeTimeout,
+            perMessageCompressionAccept=lambda offers: None,
+            echoCloseCodeReason=True,
+            # Protocol errors end with a close frame saying why.
+            failByDrop=False,
+        )
+
+    def goAway(self) -> None:
+        for proto in list(self.connections):
+            proto.goAway()
+
+
+def _isUpgrade(request: Request) -> bool:
+    upgrade = (request.getHeader("upgrade") or "").lower()
+    connection = (request.getHeader("connection") or "").lower()
+    return request.method == b"GET" and "websocket" in upgrade and "upgrade" in connection
+
+
+class HybridConnectionResource(Resource):
+    """
+    C{/$hc/...}: takes each WebSocket upgrade over from C{twisted.web}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, factory: HybridConnectionFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def render(self, request: Request) -> bytes | int:
+        from relaynet.frontdoor import errorResponse
+
+        host = request.getHeader("host") or ""
+        if not _isUpgrade(request):
+            return errorResponse(request, BadRequest("This endpoint is only for web-socket requests"))
+        if not _HOST.match(host):
+            return errorResponse(request, BadRequest("The Host header is missing or not valid."))
+        uri = request.uri.decode("latin-1")
+        rawPath, _, rawQuery = uri.partition("?")
+        path = unquote(rawPath)
+        if not path.startswith("/$hc/"):
+            return errorResponse(request, BadRequest("The address is not valid."))
+        peer = request.getClientAddress()
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        proto = self.factory.buildProtocol(peer)
+        proto.info = HandshakeInfo(
+            host=host,
+            secure=request.isSecure(),
+            path=path[len("/$hc/") :],
+            rawQuery=rawQuery,
+            headers=headers,
+            query=dict(reversed(parse_qsl(rawQuery, keep_blank_values=True))),
+            peerHost=getattr(peer, "host", ""),
+            peerPort=getattr(peer, "port", 0),
+        )
+        self._takeOver(request, proto, headers)
+        return NOT_DONE_YET
+
+    def _takeOver(self, request: Request, proto: HybridConnectionProtocol, headers: list[tuple[str, str]]) -> None:
+        channel = request.channel
+        transport = channel.transport
+        channel.setTimeout(None)
+        transport.unregisterProducer()
+        channel.transport = None
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = proto
+        else:
+            transport.protocol = proto
+        proto.makeConnection(transport)
+        head = [request.method + b" " + request.uri + b" HTTP/1.1"]
+        head.extend(f"{name}: {value}".encode("latin-1") for name, value in headers)
+        proto.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
+        transport.resumeProducing()

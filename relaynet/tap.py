@@ -1,0 +1,196 @@
+# -*- test-case-name: relaynet.test.test_tap -*-
+"""
+C{twistd relaynet}: options and the service they make.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import usage
+
+from relaynet.auth import Rights, Rule
+from relaynet.core import RelaySettings
+from relaynet.entities import Entity, validEntityName
+
+__all__ = ["Options", "makeService"]
+
+DEFAULT_LISTEN = "tcp:9090:interface=127.0.0.1"
+
+# Settings that the command line and the config file share: option name,
+# attribute of RelaySettings, type.
+_SETTINGS = [
+    ("accept-timeout", "acceptTimeout", float, "Seconds a sender waits for a listener to accept."),
+    ("ping-interval", "pingInterval", float, "Seconds between pings on a listener's control channel."),
+    ("ping-timeout", "pingTimeout", float, "Seconds without an answer to a ping before a listener is dropped."),
+    ("token-grace", "tokenGrace", int, "Seconds a control channel outlives its token while it may renew it."),
+    ("close-timeout", "closeTimeout", float, "Seconds a half-closed connection waits for the other side's close."),
+    ("max-pending", "maxPending", int, "Senders that may wait for a listener at once."),
+]
+
+
+def _positive(kind: type) -> Any:
+    def coerce(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"{text} is not a positive number")
+        return value
+
+    coerce.coerceDoc = "Must be positive."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _parseRule(text: str) -> Rule:
+    name, sep, key = text.partition("=")
+    if not sep or not name or not key:
+        raise usage.UsageError(f"--rule takes NAME=KEY, not {text!r}")
+    return Rule(name=name, primaryKey=key)
+
+
+class Options(usage.Options):
+    """
+    The relay's options; a C{--config} file carries the same settings.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a relay that speaks the Azure Relay Hybrid Connections protocol. "
+        "With no --rule, a namespace key (rule RootManageSharedAccessKey) is made "
+        "on first start, kept in the data directory and printed with a connection string."
+    )
+
+    optFlags = [
+        ["dynamic-entities", None, "An entity comes into being with its first listener and goes with its last."],
+    ]
+    optParameters = [
+        ["config", "c", None, "A TOML file with the same settings as these options."],
+        ["data-dir", "d", None, "Directory for the relay's own files (default: relaynet-data)."],
+        ["max-listeners", None, None, "Listeners per entity (default: 25).", _positive(int)],
+    ] + [[name, None, None, doc, _positive(kind)] for name, _, kind, doc in _SETTINGS]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["rules"] = []
+        self["entities"] = []
+        self["anonymous-senders"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        A server endpoint to serve on (repeatable), e.g. tcp:9090 or
+        ssl:9443:privateKey=key.pem:certKey=cert.pem (default: tcp:9090:interface=127.0.0.1).
+        """
+        self["listen"].append(endpoint)
+
+    def opt_rule(self, text: str) -> None:
+        """
+        NAME=KEY: a namespace-wide SAS rule with Listen, Send and Manage (repeatable).
+        """
+        self["rules"].append(_parseRule(text))
+
+    def opt_entity(self, name: str) -> None:
+        """
+        Declare a hybrid connection; NAME may contain / (repeatable).
+        """
+        try:
+            self["entities"].append(Entity(name=validEntityName(name)))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_anonymous_senders(self, name: str) -> None:
+        """
+        Senders to entity NAME need no token (repeatable).
+        """
+        self["anonymous-senders"].append(name.strip("/").lower())
+
+    def postOptions(self) -> None:
+        if self["config"]:
+            self._readConfig(self["config"])
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["data-dir"] is None:
+            self["data-dir"] = "relaynet-data"
+        if self["max-listeners"] is None:
+            self["max-listeners"] = 25
+        self["settings"] = RelaySettings(
+            **{attr: self[name] for name, attr, _, _ in _SETTINGS if self[name] is not None}
+        )
+        if self["settings"].pingTimeout <= self["settings"].pingInterval:
+            raise usage.UsageError("--ping-timeout must be longer than --ping-interval")
+
+    def _readConfig(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise usage.UsageError(f"cannot read config file {path}: {e}") from None
+        try:
+            applyConfig(self, config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise usage.UsageError(f"config file {path}: {e}") from None
+
+
+def _ruleFromTable(table: dict[str, Any]) -> Rule:
+    unknown = set(table) - {"name", "key", "secondary-key", "rights"}
+    if unknown:
+        raise ValueError(f"unknown rule settings {sorted(unknown)}")
+    rights = table.get("rights")
+    return Rule(
+        name=str(table["name"]),
+        primaryKey=str(table["key"]),
+        secondaryKey=table.get("secondary-key"),
+        rights=Rights.parse(rights if isinstance(rights, str) else ",".join(rights)) if rights else Rule.rights,
+    )
+
+
+def _entityFromConfig(item: str | dict[str, Any]) -> Entity:
+    if isinstance(item, str):
+        return Entity(name=validEntityName(item))
+    unknown = set(item) - {"name", "max-listeners", "anonymous-senders", "rule"}
+    if unknown:
+        raise ValueError(f"unknown entity settings {sorted(unknown)}")
+    entity = Entity(
+        name=validEntityName(str(item["name"])),
+        anonymousSenders=bool(item.get("anonymous-senders", False)),
+        rules=tuple(_ruleFromTable(r) for r in item.get("rule", [])),
+    )
+    if "max-listeners" in item:
+        entity.maxListeners = int(item["max-listeners"])
+    return entity
+
+
+def applyConfig(options: Options, config: dict[str, Any]) -> None:
+    """
+    Merge a parsed config file into C{options}: lists add to what the
+    command line gave, and single values fill in what it did not.
+    """
+    known = {"listen", "rule", "entity", "anonymous-senders", "dynamic-entities", "data-dir", "max-listeners"}
+    known.update(name for name, _, _, _ in _SETTINGS)
+    unknown = set(config) - known
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    options["listen"].extend(str(e) for e in config.get("listen", []))
+    options["rules"].extend(_ruleFromTable(r) for r in config.get("rule", []))
+    options["entities"].extend(_entityFromConfig(e) for e in config.get("entity", []))
+    options["anonymous-senders"].extend(str(n).strip("/").lower() for n in config.get("anonymous-senders", []))
+    if config.get("dynamic-entities"):
+        options["dynamic-entities"] = True
+    for name in ["data-dir", "max-listeners"] + [n for n, _, _, _ in _SETTINGS]:
+        if options[name] is None and name in config:
+            value = config[name]
+            options[name] = value if name == "data-dir" else _positive(type(value))(str(value))
+
+
+def makeService(config: Options, reactor: IReactorTime | None = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor  # type: ignore[assignment]
+    from relaynet.service import RelayService
+
+    os.makedirs(config["data-dir"], exist_ok=True)
+    return RelayService.fromOptions(config, reactor)

@@ -1,0 +1,251 @@
+"""
+Helpers for the loopback tests: a relay on 127.0.0.1 with port 0, a
+throwaway certificate, and WebSocket clients made with autobahn.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+from typing import Any
+from urllib.parse import quote
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.task import deferLater
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.trial.unittest import TestCase
+
+from relaynet.auth import mintToken
+from relaynet.protocols.websocket import ClockTimer
+from relaynet.service import RelayService
+from relaynet.tap import Options
+
+KEY_NAME = "RootManageSharedAccessKey"
+KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="
+_STATUS = re.compile(r"upgrade failed \[(\d{3})\]: (.*)\"\)$")
+
+
+def makeCertificate(directory: str) -> tuple[str, str]:
+    """
+    Write a throwaway self-signed certificate for 127.0.0.1 and localhost.
+
+    @return: the paths of the key and the certificate (PEM).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    keyPath, certPath = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    with open(certPath, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return keyPath, certPath
+
+
+class RelayFixture:
+    """
+    A running relay for one test.
+    """
+
+    def __init__(self, case: TestCase, args: list[str], tls: bool = False) -> None:
+        self.tls = tls
+        directory = case.mktemp()
+        os.makedirs(directory)
+        self.certPath = None
+        if tls:
+            keyPath, self.certPath = makeCertificate(directory)
+            listen = f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={self.certPath}"
+        else:
+            listen = "tcp:0:interface=127.0.0.1"
+        options = Options()
+        options.parseOptions(["--listen", listen, "--data-dir", directory, "--rule", f"{KEY_NAME}={KEY}", *args])
+        self.service = RelayService.fromOptions(options, reactor)
+        self.clients: list[Client] = []
+        self.service.startService()
+        case.addCleanup(self.stop)
+        self.port = self.service.ports[0].getHost().port
+        self.host = f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        """
+        Drop every client, wait (a little) for the relay to see them go,
+        and stop it.
+        """
+        for client in self.clients:
+            if client.transport is not None and not client.closed.called:
+                client.transport.abortConnection()
+        for _ in range(100):
+            if not self.service.websockets.connections and all(c.closed.called or c.transport is None for c in self.clients):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        await self.service.stopService()
+
+    @property
+    def relay(self) -> Any:
+        return self.service.relay
+
+    def url(self, entity: str, action: str | None = "listen", token: str | None = None, query: str = "") -> str:
+        scheme = "wss" if self.tls else "ws"
+        params = [p for p in [query, action and f"sb-hc-action={action}", token and f"sb-hc-token={quote(token, safe='')}"] if p]
+        return f"{scheme}://{self.host}/$hc/{entity}" + ("?" + "&".join(params) if params else "")
+
+    def token(self, entity: str, key: str = KEY, keyName: str = KEY_NAME, ttl: int = 3600) -> str:
+        return mintToken(f"http://{self.host}/{entity}", keyName, key, int(reactor.seconds()) + ttl)
+
+    def connect(
+        self,
+        url: str,
+        headers: dict[str, str] | None = None,
+        protocols: list[str] | None = None,
+        protocolClass: type[Client] | None = None,
+    ) -> Client:
+        factory = WebSocketClientFactory(url, headers=headers or {}, protocols=protocols or [])
+        factory._batched_timer = ClockTimer(reactor)
+        client: Client = (protocolClass or Client)()
+        factory.protocol = lambda: client
+        factory.setProtocolOptions(perMessageCompressionOffers=[], openHandshakeTimeout=10, closeHandshakeTimeout=10)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", int(url.split("/")[2].split(":")[1]))
+        if url.startswith("wss:"):
+            with open(self.certPath or "", "rb") as f:
+                authority = Certificate.loadPEM(f.read())
+            endpoint = wrapClientTLS(optionsForClientTLS("localhost", authority), endpoint)
+        connecting = endpoint.connect(factory)
+        connecting.addErrback(client.opened.errback)
+        self.clients.append(client)
+        return client
+
+    async def listener(self, entity: str, **kwargs: Any) -> Client:
+        client = self.connect(self.url(entity, "listen", self.token(entity)), **kwargs)
+        await client.opened
+        return client
+
+    async def pair(
+        self,
+        entity: str,
+        protocols: list[str] | None = None,
+        listenerProtocol: str | None = None,
+        acceptedClass: type[Client] | None = None,
+    ) -> tuple[Client, Client]:
+        """
+        A sender and the listener-side rendezvous socket that accepted it.
+        """
+        control = await self.listener(entity)
+        sender = self.connect(self.url(entity, "connect", self.token(entity)), protocols=protocols)
+        accept = json.loads((await control.messages.get())[0])["accept"]
+        accepted = self.connect(
+            accept["address"], protocols=[listenerProtocol] if listenerProtocol else [], protocolClass=acceptedClass
+        )
+        await accepted.opened
+        await sender.opened
+        control.sendClose(1000)
+        return sender, accepted
+
+
+class HandshakeRefused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class Client(WebSocketClientProtocol):
+    """
+    A test client: whole messages go to C{messages}; C{opened} and
+    C{closed} fire with the handshake and the close.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[Client] = Deferred()
+        self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+        self.messages: DeferredQueue[tuple[bytes, bool]] = DeferredQueue()
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.put((payload, isBinary))
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
+        super().connectionLost(reason)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            match = _STATUS.search(reason or "")
+            if match:
+                self.opened.errback(HandshakeRefused(int(match.group(1)), match.group(2)))
+            else:
+                self.opened.errback(HandshakeRefused(0, reason or ""))
+        self.closed.callback((wasClean, code, reason))
+
+
+class RawHttp(Protocol):
+    """
+    Send one request and keep the response head.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.done.callback(self.received)
+
+
+async def rawRequest(port: int, request: bytes, timeout: float = 10) -> tuple[int, str, bytes]:
+    """
+    Send C{request} as it is and return the status, reason and the whole
+    response once the relay has closed the connection.
+    """
+    proto = RawHttp(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    connected = await endpoint.connect(Factory.forProtocol(lambda: proto))
+    call = reactor.callLater(timeout, connected.transport.loseConnection)
+    response = await proto.done
+    if call.active():
+        call.cancel()
+    statusLine = response.split(b"\r\n", 1)[0].decode("latin-1")
+    _, status, reason = (statusLine.split(" ", 2) + ["", ""])[:3]
+    return int(status or 0), reason, response
