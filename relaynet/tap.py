@@ -24,12 +24,12 @@ DEFAULT_LISTEN = "tcp:9090:interface=127.0.0.1"
 # Settings that the command line and the config file share: option name,
 # attribute of RelaySettings, type.
 _SETTINGS = [
-    ("accept-timeout", "acceptTimeout", float, "Seconds a sender waits for a listener to accept."),
-    ("ping-interval", "pingInterval", float, "Seconds between pings on a listener's control channel."),
-    ("ping-timeout", "pingTimeout", float, "Seconds without an answer to a ping before a listener is dropped."),
-    ("token-grace", "tokenGrace", int, "Seconds a control channel outlives its token while it may renew it."),
-    ("close-timeout", "closeTimeout", float, "Seconds a half-closed connection waits for the other side's close."),
-    ("max-pending", "maxPending", int, "Senders that may wait for a listener at once."),
+    ("accept-timeout", "acceptTimeout", float, "Seconds a sender waits for a listener to accept"),
+    ("ping-interval", "pingInterval", float, "Seconds between pings on a listener's control channel"),
+    ("ping-timeout", "pingTimeout", float, "Seconds without an answer to a ping before a listener is dropped"),
+    ("token-grace", "tokenGrace", int, "Seconds a control channel outlives its token while it may renew it"),
+    ("close-timeout", "closeTimeout", float, "Seconds a half-closed connection waits for the other side's close"),
+    ("max-pending", "maxPending", int, "Senders that may wait for a listener at once"),
 ]
 
 
@@ -69,8 +69,11 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "A TOML file with the same settings as these options."],
         ["data-dir", "d", None, "Directory for the relay's own files (default: relaynet-data)."],
-        ["max-listeners", None, None, "Listeners per entity (default: 25).", _positive(int)],
-    ] + [[name, None, None, doc, _positive(kind)] for name, _, kind, doc in _SETTINGS]
+        ["max-listeners", None, None, "Listeners per entity (default: 25)", _positive(int)],
+    ] + [
+        [name, None, None, f"{doc} (default: {getattr(RelaySettings, attr)})", _positive(kind)]
+        for name, attr, kind, doc in _SETTINGS
+    ]
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from relaynet.protocols.splice import Leg
-from relaynet.test.support import KEY_NAME, Client, HandshakeRefused, RelayFixture, rawRequest
+from relaynet.test.support import KEY, KEY_NAME, Client, HandshakeRefused, RelayFixture, rawRequest
 
 
 class _SilentClient(Client):
@@ -422,3 +422,25 @@ async def _refusal(client: Client) -> HandshakeRefused:
     except HandshakeRefused as e:
         return e
     raise AssertionError("the handshake was not refused")
+
+
+class QuickstartTests(TestCase):
+    """
+    The quickstart's example runs as written against a relay.
+    """
+
+    timeout = 60
+
+    async def test_echoExample(self) -> None:
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        relay = RelayFixture(self, ["--dynamic-entities"])
+        example = os.path.join(os.path.dirname(__file__), "..", "..", "doc", "examples", "echo.py")
+        connection = f"Endpoint=sb://{relay.host}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={KEY}"
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, [example, connection, "echo"], env=dict(os.environ), reactor=reactor
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"echoed: hello through the relay", out)
