@@ -264,14 +264,17 @@ class Authorizer:
     Checks SAS tokens against a namespace's rules.
     """
 
-    def __init__(self, rules: Sequence[Rule], graceSeconds: int = 300) -> None:
+    def __init__(self, rules: Sequence[Rule], graceSeconds: int = 300, hostnames: Sequence[str] = ()) -> None:
         """
         @param rules: the namespace-level rules.
         @param graceSeconds: how long after its expiry a token is still
             accepted to renew an established listener control channel.
+        @param hostnames: names of the namespace that tokens may be for
+            whatever the request's C{Host} (a relay behind a proxy).
         """
         self._rules = tuple(rules)
         self._graceSeconds = graceSeconds
+        self._hostnames = frozenset(_normaliseHost(h) for h in hostnames)
 
     def authorize(
         self,
@@ -316,7 +319,7 @@ class Authorizer:
             raise Unauthorized(f"The token is expired. Expiration time: '{when:%Y-%m-%dT%H:%M:%SZ}'")
         action = _describe(needed)
         scopeHost, scopePath = normaliseScope(token.resourceUri)
-        if host and scopeHost != _normaliseHost(host):
+        if host and scopeHost != _normaliseHost(host) and scopeHost not in self._hostnames:
             raise Forbidden(f"Token is not valid for this host for this action: {action}. It is for '{scopeHost}'.")
         if not _covers(scopePath, _normalisePath(entityPath)):
             raise Forbidden(

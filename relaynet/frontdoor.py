@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.web.http import HTTPChannel, HTTPFactory
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 

@@ -89,7 +89,7 @@ class RelayService(MultiService):
             namespace.declare(entity)
         relay = Relay(
             namespace=namespace,
-            authorizer=Authorizer(rules, graceSeconds=settings.tokenGrace),
+            authorizer=Authorizer(rules, graceSeconds=settings.tokenGrace, hostnames=config["hostnames"]),
             clock=reactor,
             settings=settings,
         )

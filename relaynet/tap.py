@@ -81,6 +81,7 @@ class Options(usage.Options):
         self["rules"] = []
         self["entities"] = []
         self["anonymous-senders"] = []
+        self["hostnames"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -109,6 +110,13 @@ class Options(usage.Options):
         Senders to entity NAME need no token (repeatable).
         """
         self["anonymous-senders"].append(name.strip("/").lower())
+
+    def opt_hostname(self, name: str) -> None:
+        """
+        A name clients know the relay by (repeatable): tokens for it are
+        accepted whatever Host header a request carries, as behind a proxy.
+        """
+        self["hostnames"].append(name)
 
     def postOptions(self) -> None:
         if self["config"]:
@@ -171,7 +179,7 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
     Merge a parsed config file into C{options}: lists add to what the
     command line gave, and single values fill in what it did not.
     """
-    known = {"listen", "rule", "entity", "anonymous-senders", "dynamic-entities", "data-dir", "max-listeners"}
+    known = {"listen", "rule", "entity", "anonymous-senders", "hostname", "dynamic-entities", "data-dir", "max-listeners"}
     known.update(name for name, _, _, _ in _SETTINGS)
     unknown = set(config) - known
     if unknown:
@@ -179,6 +187,7 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
     options["listen"].extend(str(e) for e in config.get("listen", []))
     options["rules"].extend(_ruleFromTable(r) for r in config.get("rule", []))
     options["entities"].extend(_entityFromConfig(e) for e in config.get("entity", []))
+    options["hostnames"].extend(str(n) for n in config.get("hostname", []))
     options["anonymous-senders"].extend(str(n).strip("/").lower() for n in config.get("anonymous-senders", []))
     if config.get("dynamic-entities"):
         options["dynamic-entities"] = True

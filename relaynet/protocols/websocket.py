@@ -199,9 +199,10 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
             listener=channel.listenerId,
         )
         # The listener's arrival at the rendezvous makes this side a leg.
-        protocol = await pending.result
-        self._pendingSender = None
-        return protocol
+        try:
+            return await pending.result
+        finally:
+            self._pendingId = self._pendingSender = None
 
     def _connectHeaders(self) -> dict[str, str]:
         headers: dict[str, str] = {}

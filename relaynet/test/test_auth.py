@@ -497,3 +497,23 @@ class PropertyTests(SynchronousTestCase):
         )
         self.assertEqual(e.status, 401)
         self.assertEqual(e.reason, "The token has an invalid signature.")
+
+
+class HostnameTests(SynchronousTestCase):
+    """
+    Names given to the L{Authorizer} are accepted whatever the Host header.
+    """
+
+    def test_aliasAccepted(self) -> None:
+        rule = Rule("root", "a2V5LWZvci1ob3N0bmFtZS10ZXN0cw==")
+        token = mintToken("http://relay.example.com/hyco", "root", rule.primaryKey, 2000)
+        authorizer = Authorizer([rule], hostnames=["Relay.Example.com:443"])
+        checked = authorizer.authorize(token, "10.0.0.5:9090", "hyco", Rights.SEND, 1000)
+        self.assertEqual(checked.keyName, "root")
+
+    def test_otherHostRefused(self) -> None:
+        rule = Rule("root", "a2V5LWZvci1ob3N0bmFtZS10ZXN0cw==")
+        token = mintToken("http://elsewhere.example.com/hyco", "root", rule.primaryKey, 2000)
+        authorizer = Authorizer([rule], hostnames=["relay.example.com"])
+        e = self.assertRaises(Forbidden, authorizer.authorize, token, "10.0.0.5:9090", "hyco", Rights.SEND, 1000)
+        self.assertEqual(e.status, 403)
