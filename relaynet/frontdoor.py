@@ -80,7 +80,7 @@ class RelaySite(Site):
     A site with room for the header block the wire contract allows.
     """
 
-    protocol = _Channel
+    protocol = _Channel  # type: ignore[assignment]
 
     def __init__(self, resource: IResource, **kwargs: object) -> None:
         super().__init__(resource, **kwargs)  # type: ignore[arg-type]

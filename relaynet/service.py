@@ -119,7 +119,7 @@ class RelayService(MultiService):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.ports.append(port)
-        address = port.getHost()
+        address: Any = port.getHost()
         host = getattr(address, "host", "localhost")
         hostPort = f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
         log.info("relaynet serving on {host}", host=hostPort)

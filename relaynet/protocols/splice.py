@@ -14,7 +14,7 @@ takes the other side down with it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IPushProducer, ITransport
@@ -118,7 +118,7 @@ class Leg:
         if partner is None:
             return
         partner.partner = None
-        transport = partner.proto.transport
+        transport: Any = partner.proto.transport
         transport.unregisterProducer()
         if partner.proto.state == OPEN:
             # Without a close from this side, the other cannot end cleanly.
@@ -134,6 +134,7 @@ def splice(a: Leg, b: Leg) -> None:
     reading while the other cannot write.
     """
     a.partner, b.partner = b, a
-    ta, tb = a.proto.transport, b.proto.transport
+    ta: Any = a.proto.transport
+    tb: Any = b.proto.transport
     ta.registerProducer(_ReadSide(tb), True)
     tb.registerProducer(_ReadSide(ta), True)

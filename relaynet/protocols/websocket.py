@@ -12,14 +12,16 @@ whose role is settled by the action it is asked for.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, cast
 from urllib.parse import parse_qsl, quote, unquote
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -29,7 +31,7 @@ from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadRequest, Gone, ListenerTimeout, RelayError, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
 from relaynet.protocols.splice import Leg, splice
-from relaynet.registry import newConnectionId
+from relaynet.registry import IListenerChannel, newConnectionId
 
 __all__ = ["ClockTimer", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
 
@@ -96,7 +98,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
     def relay(self) -> Relay:
         return self.factory.relay
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:
+    def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._connect(request))
 
     async def _connect(self, request: ConnectionRequest) -> Any:
@@ -172,7 +174,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         query = stripRelayParameters(self.info.rawQuery)
         pathPart = quote(entity.name + suffix, safe="/;:@&=+$,!~*'()-._")
 
-        def acceptCommand(channel: ControlChannel) -> dict[str, Any]:
+        def acceptCommand(channel: IListenerChannel) -> dict[str, Any]:
             address = (
                 f"{channel.rendezvousBase}/$hc/{pathPart}?{query + '&' if query else ''}"
                 f"sb-hc-action=accept&sb-hc-id={quote(rendezvousId, safe='')}"
@@ -305,7 +307,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         super().connectionMade()
         self.factory.connections.add(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # autobahn leaves this timer running when the connection goes.
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
@@ -337,7 +339,7 @@ class ClockTimer:
 
 
 class HybridConnectionFactory(WebSocketServerFactory):
-    protocol = HybridConnectionProtocol
+    protocol = HybridConnectionProtocol  # type: ignore[assignment]
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(server="relaynet")
@@ -400,7 +402,7 @@ class HybridConnectionResource(Resource):
             for name, values in request.requestHeaders.getAllRawHeaders()
             for value in values
         ]
-        proto = self.factory.buildProtocol(peer)
+        proto = cast(HybridConnectionProtocol, self.factory.buildProtocol(peer))
         proto.info = HandshakeInfo(
             host=host,
             secure=request.isSecure(),
@@ -416,7 +418,7 @@ class HybridConnectionResource(Resource):
 
     def _takeOver(self, request: Request, proto: HybridConnectionProtocol, headers: list[tuple[str, str]]) -> None:
         channel = request.channel
-        transport = channel.transport
+        transport: Any = channel.transport
         channel.setTimeout(None)
         transport.unregisterProducer()
         channel.transport = None

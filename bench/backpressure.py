@@ -1,0 +1,795 @@
+"""
+Backpressure benchmark: does the relay stay small when a fast sender meets a
+slow listener?
+
+Three OS processes besides this one:
+
+* the relay, ``twistd -n relaynet`` on 127.0.0.1 and a free port;
+* a listener (this file, ``--role listener``) that opens a control channel,
+  accepts one sender at the rendezvous and reads it SLOWLY: a token bucket
+  pauses and resumes its transport (``pauseProducing``/``resumeProducing``)
+  so it drains at ``--rate`` MB/s;
+* a sender (this file, ``--role sender``) that pushes ``--bytes`` bytes in
+  64 KiB binary messages as fast as its own transport lets it (it is a
+  streaming producer registered on its transport, so it stops writing when
+  its send buffer is full and does not grow either).
+
+While the data flows this process samples the relay's VmRSS from
+/proc/PID/status every 0.2 s, and reads VmHWM at the end (after resetting it
+through /proc/PID/clear_refs once the listener and sender are connected).
+The listener must receive exactly the bytes the sender sent (same count,
+same SHA-256, same number of binary messages).
+
+Every wait has a deadline (``--timeout``, default 600 s); every child is
+killed on exit.  Exit status: 0 good, 1 data check failed, 2 deadline
+passed, 3 relay over the memory budget (only with ``--enforce-budget``),
+4 anything else.
+
+Results go to ``bench/out/backpressure.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+OUT_DIR = os.path.join(HERE, "out")
+
+KEY_NAME = "BenchRule"
+ENTITY = "bench"
+MESSAGE_SIZE = 64 * 1024
+BUDGET_BYTES = 8 * 1024 * 1024  # the baseline: 8 MiB of growth
+MiB = 1024 * 1024
+POOL_SIZE = 1024 * 1024
+SAMPLE_INTERVAL = 0.2
+
+EXIT_OK, EXIT_DATA, EXIT_DEADLINE, EXIT_BUDGET, EXIT_ERROR = 0, 1, 2, 3, 4
+
+
+class Deadline(Exception):
+    pass
+
+
+class DataMismatch(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Shared by the roles
+
+
+def pool(seed: int) -> bytes:
+    """
+    The pseudo-random bytes messages are cut from (the same in both roles).
+    """
+    import random
+
+    return random.Random(seed).randbytes(POOL_SIZE + MESSAGE_SIZE)
+
+
+def message(data: bytes, index: int, size: int) -> bytes:
+    """
+    Message C{index}: its number, then C{size - 8} bytes of the pool at an
+    offset that moves with the number (so reordered or repeated messages
+    change the digest).
+    """
+    offset = (index * 4099) % POOL_SIZE
+    head = struct.pack(">Q", index)
+    return (head + data[offset : offset + size - len(head)])[:size]
+
+
+def emit(**fields: Any) -> None:
+    """
+    One JSON line on stdout for the orchestrator.
+    """
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def ownPeakRss() -> int:
+    return readStatus(os.getpid()).get("VmHWM", 0)
+
+
+def readStatus(pid: int) -> dict[str, int]:
+    """
+    The memory fields of /proc/PID/status, in bytes.
+    """
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "VmData"):
+                fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def watchdog(reactor: Any, deadline: float) -> None:
+    """
+    In a child: stop at the deadline, or when the orchestrator is gone.
+    """
+    from twisted.internet.task import LoopingCall
+
+    parent = os.getppid()
+
+    def check() -> None:
+        if time.time() > deadline:
+            sys.stderr.write(f"{os.getpid()}: deadline passed, exiting\n")
+            os._exit(EXIT_DEADLINE)
+        if os.getppid() != parent:
+            os._exit(EXIT_ERROR)
+
+    LoopingCall(check).start(0.5)
+
+
+def clientFactory(url: str, protocol: Any) -> Any:
+    from autobahn.twisted.websocket import WebSocketClientFactory
+
+    factory = WebSocketClientFactory(url)
+    factory.protocol = protocol
+    factory.setProtocolOptions(
+        perMessageCompressionOffers=[],
+        openHandshakeTimeout=30,
+        closeHandshakeTimeout=30,
+        maxFramePayloadSize=0,
+        maxMessagePayloadSize=0,
+    )
+    return factory
+
+
+def connect(reactor: Any, url: str, factory: Any) -> None:
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    hostPort = url.split("/")[2]
+    host, _, port = hostPort.rpartition(":")
+    TCP4ClientEndpoint(reactor, host, int(port), timeout=30).connect(factory).addErrback(fatal)
+
+
+def fatal(failure: Any) -> None:
+    sys.stderr.write(f"{os.getpid()}: {failure.getTraceback()}\n")
+    emit(event="error", error=str(failure.value))
+    os._exit(EXIT_ERROR)
+
+
+def roleUrl(args: argparse.Namespace, action: str) -> str:
+    from urllib.parse import quote
+
+    from relaynet.auth import mintToken
+
+    host = f"127.0.0.1:{args.port}"
+    token = mintToken(f"http://{host}/{ENTITY}", KEY_NAME, args.key, int(time.time()) + 3600)
+    return f"ws://{host}/$hc/{ENTITY}?sb-hc-action={action}&sb-hc-token={quote(token, safe='')}"
+
+
+# ---------------------------------------------------------------------------
+# The listener
+
+
+def runListener(args: argparse.Namespace) -> None:
+    from autobahn.twisted.websocket import WebSocketClientProtocol
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+
+    rate = args.rate * 1e6  # bytes per second
+    burst = 4 * MESSAGE_SIZE
+    state: dict[str, Any] = {"control": None}
+
+    class SlowReader(WebSocketClientProtocol):
+        """
+        The rendezvous socket: reads at C{rate} bytes a second at most.
+        """
+
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            self.digest = hashlib.sha256()
+            self.received = 0
+            self.messages = 0
+            self.textMessages = 0
+            self.wrongSizes = 0
+            self.first: float | None = None
+            self.last: float | None = None
+            self.budget = float(burst)
+            self.paused = False
+            self.pauses = 0
+            self.stamp = time.monotonic()
+            self.ticker = LoopingCall(self.tick)
+            self.ticker.start(0.005)
+
+        def dataReceived(self, data: bytes) -> None:
+            if self.state == self.STATE_OPEN:
+                self.budget -= len(data)
+            super().dataReceived(data)
+            if self.budget <= 0 and not self.paused and self.transport is not None:
+                self.paused = True
+                self.pauses += 1
+                self.transport.pauseProducing()
+
+        def tick(self) -> None:
+            now = time.monotonic()
+            self.budget = min(self.budget + rate * (now - self.stamp), float(burst))
+            self.stamp = now
+            if self.paused and self.budget > 0:
+                self.paused = False
+                self.transport.resumeProducing()
+
+        def onOpen(self) -> None:
+            emit(event="accepted", t=time.time())
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            now = time.time()
+            if self.first is None:
+                self.first = now
+            self.last = now
+            self.digest.update(payload)
+            self.received += len(payload)
+            self.messages += 1
+            if not isBinary:
+                self.textMessages += 1
+            if len(payload) != MESSAGE_SIZE and self.received != args.bytes:
+                self.wrongSizes += 1
+
+        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+            if self.ticker.running:
+                self.ticker.stop()
+            emit(
+                event="done",
+                bytes=self.received,
+                sha256=self.digest.hexdigest(),
+                messages=self.messages,
+                textMessages=self.textMessages,
+                wrongSizes=self.wrongSizes,
+                first=self.first,
+                last=self.last,
+                closed=time.time(),
+                wasClean=wasClean,
+                code=code,
+                reason=reason,
+                pauses=self.pauses,
+                peakRss=ownPeakRss(),
+            )
+            control = state["control"]
+            if control is not None and control.state == control.STATE_OPEN:
+                control.sendClose(1000)
+            reactor.callLater(0.5, reactor.stop)
+
+    class Control(WebSocketClientProtocol):
+        def onOpen(self) -> None:
+            state["control"] = self
+            emit(event="listening", t=time.time())
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            command = json.loads(payload)
+            if "accept" in command:
+                address = command["accept"]["address"]
+                connect(reactor, address, clientFactory(address, SlowReader))
+
+        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+            if state.get("control") is None:
+                emit(event="error", error=f"control channel refused: {code} {reason}")
+                os._exit(EXIT_ERROR)
+
+    watchdog(reactor, args.deadline)
+    url = roleUrl(args, "listen")
+    connect(reactor, url, clientFactory(url, Control))
+    reactor.run()
+
+
+# ---------------------------------------------------------------------------
+# The sender
+
+
+def runSender(args: argparse.Namespace) -> None:
+    from autobahn.twisted.websocket import WebSocketClientProtocol
+    from twisted.internet import reactor, stdio
+    from twisted.internet.interfaces import IPushProducer
+    from twisted.protocols.basic import LineReceiver
+    from zope.interface import implementer
+
+    data = pool(args.seed)
+    total = args.bytes
+
+    @implementer(IPushProducer)
+    class Pusher(WebSocketClientProtocol):
+        """
+        Sends C{total} bytes as 64 KiB messages while its transport takes
+        them: a streaming producer on its own transport.
+        """
+
+        sent = 0
+        index = 0
+        paused = True
+        started = False
+        finished = False
+        pauses = 0
+
+        def onOpen(self) -> None:
+            self.digest = hashlib.sha256()
+            emit(event="open", t=time.time())
+
+        def go(self) -> None:
+            if self.started:
+                return
+            self.started = True
+            self.t0 = time.time()
+            self.transport.registerProducer(self, True)
+            self.paused = False
+            self.pump()
+
+        def pump(self) -> None:
+            while not self.paused and self.sent < total and self.state == self.STATE_OPEN:
+                size = min(MESSAGE_SIZE, total - self.sent)
+                payload = message(data, self.index, size)
+                self.digest.update(payload)
+                self.index += 1
+                self.sent += size
+                # May call pauseProducing() from inside, when the
+                # transport's buffer goes over its limit.
+                self.sendMessage(payload, isBinary=True)
+            if self.sent >= total and not self.finished:
+                self.finished = True
+                self.tSent = time.time()
+                self.transport.unregisterProducer()
+                self.sendClose(1000)
+
+        def pauseProducing(self) -> None:
+            self.paused = True
+            self.pauses += 1
+
+        def resumeProducing(self) -> None:
+            self.paused = False
+            self.pump()
+
+        def stopProducing(self) -> None:
+            self.paused = True
+
+        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+            if not hasattr(self, "digest"):
+                emit(event="error", error=f"sender refused: {code} {reason}")
+                os._exit(EXIT_ERROR)
+            emit(
+                event="done",
+                bytes=self.sent,
+                sha256=self.digest.hexdigest(),
+                messages=self.index,
+                started=getattr(self, "t0", None),
+                allWritten=getattr(self, "tSent", None),
+                closed=time.time(),
+                wasClean=wasClean,
+                code=code,
+                reason=reason,
+                pauses=self.pauses,
+                peakRss=ownPeakRss(),
+            )
+            reactor.callLater(0.2, reactor.stop)
+
+    pusher = Pusher()
+
+    class Commands(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            if line.strip() == b"GO":
+                pusher.go()
+
+    stdio.StandardIO(Commands())
+    watchdog(reactor, args.deadline)
+    url = roleUrl(args, "connect")
+    factory = clientFactory(url, lambda: pusher)
+    connect(reactor, url, factory)
+    reactor.run()
+
+
+# ---------------------------------------------------------------------------
+# The orchestrator
+
+
+_libc = None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover
+    pass
+
+
+def _dieWithParent() -> None:
+    # PR_SET_PDEATHSIG = 1: the child gets SIGKILL if this process dies.
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+class Child:
+    """
+    A child process whose stdout lines (JSON) are read into a queue.
+    """
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], stdout: Any = subprocess.PIPE, stdin: Any = None) -> None:
+        self.name = name
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not subprocess.PIPE else None,
+            preexec_fn=_dieWithParent,
+        )
+        if stdout is subprocess.PIPE:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                sys.stderr.write(f"[{self.name}] {line}\n")
+                continue
+            self.events.put(event)
+
+    def wait(self, event: str, deadline: float, tick: Any = None) -> dict[str, Any]:
+        """
+        The next event called C{event}; an error event, an exit or the
+        deadline raise.
+        """
+        while True:
+            if tick is not None:
+                tick()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline(f"{self.name}: no {event!r} before the deadline")
+            try:
+                got = self.events.get(timeout=min(remaining, SAMPLE_INTERVAL))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.events.empty():
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {event!r}")
+                continue
+            if got.get("event") == "error":
+                raise RuntimeError(f"{self.name}: {got.get('error')}")
+            if got.get("event") == event:
+                return got
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(3)
+
+
+def freePort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def findPython(requested: str | None) -> str:
+    if requested:
+        return requested
+    venv = os.path.join(REPO, ".venv", "bin", "python")
+    return venv if os.path.exists(venv) else sys.executable
+
+
+def relayArgv(python: str, port: int, key: str, dataDir: str) -> list[str]:
+    twistd = os.path.join(os.path.dirname(python), "twistd")
+    head = [twistd] if os.path.exists(twistd) else [python, "-c", "from twisted.scripts.twistd import run; run()"]
+    return head + [
+        "-n",
+        "--pidfile=",
+        "relaynet",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--rule",
+        f"{KEY_NAME}={key}",
+        "--entity",
+        ENTITY,
+        "--data-dir",
+        dataDir,
+    ]
+
+
+def waitForPort(port: int, relay: Child, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if relay.proc.poll() is not None:
+            raise RuntimeError(f"the relay exited ({relay.proc.returncode}) before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise Deadline("the relay did not listen before the deadline")
+
+
+def resetPeak(pid: int) -> bool:
+    """
+    Reset VmHWM to the current RSS (Linux >= 4.0).
+    """
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    deadline = start + args.timeout
+    wallDeadline = time.time() + args.timeout
+    python = findPython(args.python)
+    key = base64.b64encode(os.urandom(32)).decode("ascii")
+    os.makedirs(OUT_DIR, exist_ok=True)
+    dataDir = tempfile.mkdtemp(prefix="relaynet-bench-")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    children: list[Child] = []
+    samples: list[tuple[float, int]] = []
+    relayLog = os.path.join(OUT_DIR, "relay.log")
+    result: dict[str, Any] = {
+        "benchmark": "backpressure",
+        "machine": machine(),
+        "config": {
+            "bytes": args.bytes,
+            "messageSize": MESSAGE_SIZE,
+            "listenerRateMBps": args.rate,
+            "timeout": args.timeout,
+            "budgetBytes": BUDGET_BYTES,
+            "sampleInterval": SAMPLE_INTERVAL,
+        },
+        "ok": False,
+    }
+    status = EXIT_ERROR
+
+    def sample() -> None:
+        now = time.monotonic()
+        if samples and now - samples[-1][0] - start < SAMPLE_INTERVAL:
+            return
+        try:
+            rss = readStatus(relay.proc.pid)["VmRSS"]
+        except (OSError, KeyError):
+            return
+        samples.append((now - start, rss))
+
+    try:
+        # The relay.
+        for attempt in range(3):
+            port = freePort()
+            log = open(relayLog, "wb")
+            relay = Child("relay", relayArgv(python, port, key, dataDir), env, stdout=log, stdin=subprocess.DEVNULL)
+            log.close()
+            children.append(relay)
+            try:
+                waitForPort(port, relay, min(deadline, time.monotonic() + 30))
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        print(f"relay pid {relay.proc.pid} on 127.0.0.1:{port} (log: {os.path.relpath(relayLog)})", flush=True)
+        idle = readStatus(relay.proc.pid)
+
+        common = [
+            "--port", str(port), "--key", key, "--bytes", str(args.bytes),
+            "--rate", str(args.rate), "--seed", str(args.seed), "--deadline", str(wallDeadline),
+        ]
+        me = os.path.abspath(__file__)
+        listener = Child("listener", [python, me, "--role", "listener", *common], env, stdin=subprocess.DEVNULL)
+        children.append(listener)
+        listener.wait("listening", deadline)
+        sender = Child("sender", [python, me, "--role", "sender", *common], env, stdin=subprocess.PIPE)
+        children.append(sender)
+        listener.wait("accepted", deadline)
+        sender.wait("open", deadline)
+
+        # Warm-up over: both legs are spliced.  Let the relay settle, take
+        # the baseline, and reset its high-water mark.
+        time.sleep(0.5)
+        before = readStatus(relay.proc.pid)
+        peakReset = resetPeak(relay.proc.pid)
+        samples.append((time.monotonic() - start, before["VmRSS"]))
+        goWall = time.time()
+        goMono = time.monotonic()
+        assert sender.proc.stdin is not None
+        sender.proc.stdin.write(b"GO\n")
+        sender.proc.stdin.flush()
+        print(f"sending {args.bytes} bytes; listener drains at {args.rate} MB/s", flush=True)
+
+        got = listener.wait("done", deadline, tick=sample)
+        sent = sender.wait("done", deadline, tick=sample)
+        elapsedMono = time.monotonic() - goMono
+        after = readStatus(relay.proc.pid)
+        samples.append((time.monotonic() - start, after["VmRSS"]))
+
+        peakSampled = max(rss for _, rss in samples)
+        peak = max(peakSampled, after["VmHWM"]) if peakReset else peakSampled
+        growth = peak - before["VmRSS"]
+        seconds = (got["last"] or got["closed"]) - goWall
+        ratio = growth / BUDGET_BYTES
+
+        problems = []
+        if got["bytes"] != args.bytes:
+            problems.append(f"listener received {got['bytes']} bytes, expected {args.bytes}")
+        if sent["bytes"] != args.bytes:
+            problems.append(f"sender sent {sent['bytes']} bytes, expected {args.bytes}")
+        if got["sha256"] != sent["sha256"]:
+            problems.append(f"SHA-256 differs: listener {got['sha256']} sender {sent['sha256']}")
+        if got["messages"] != sent["messages"] or got["textMessages"] or got["wrongSizes"]:
+            problems.append(
+                f"messages: listener {got['messages']} ({got['textMessages']} text, {got['wrongSizes']} wrong size), "
+                f"sender {sent['messages']}"
+            )
+
+        result.update(
+            {
+                "relay": {
+                    "pid": relay.proc.pid,
+                    "rssIdle": idle["VmRSS"],
+                    "rssStart": before["VmRSS"],
+                    "rssEnd": after["VmRSS"],
+                    "rssPeakSampled": peakSampled,
+                    "vmHWM": after["VmHWM"],
+                    "peakResetAtStart": peakReset,
+                    "rssPeak": peak,
+                    "growth": growth,
+                    "rssAnonStart": before.get("RssAnon"),
+                    "rssAnonEnd": after.get("RssAnon"),
+                },
+                "transfer": {
+                    "bytes": got["bytes"],
+                    "seconds": seconds,
+                    "MBps": got["bytes"] / seconds / 1e6 if seconds > 0 else None,
+                    "MiBps": got["bytes"] / seconds / MiB if seconds > 0 else None,
+                    "secondsUntilBothClosed": elapsedMono,
+                    "sha256": got["sha256"],
+                    "senderSha256": sent["sha256"],
+                    "messages": got["messages"],
+                    "listenerPauses": got["pauses"],
+                    "senderPauses": sent["pauses"],
+                    "senderAllWrittenAfter": (sent["allWritten"] - goWall) if sent.get("allWritten") else None,
+                    "closeCodes": {"listener": got["code"], "sender": sent["code"]},
+                },
+                "peakRss": {"listener": got["peakRss"], "sender": sent["peakRss"]},
+                "ratio": ratio,
+                "withinBudget": ratio < 1.0,
+                "dataOk": not problems,
+                "problems": problems,
+                "samples": [[round(t, 3), rss] for t, rss in samples],
+            }
+        )
+        result["ok"] = not problems
+
+        def mib(n: int) -> str:
+            return f"{n / MiB:8.2f} MiB"
+
+        rows = [
+            ("bytes moved", f"{got['bytes']} ({got['bytes'] / MiB:.1f} MiB, {got['messages']} messages)"),
+            ("seconds", f"{seconds:.2f}"),
+            ("MB/s", f"{got['bytes'] / seconds / 1e6:.2f}  ({got['bytes'] / seconds / MiB:.2f} MiB/s)"),
+            ("relay RSS idle", mib(idle["VmRSS"]) + "  (before any client)"),
+            ("relay RSS start", mib(before["VmRSS"]) + "  (listener and sender connected)"),
+            ("relay RSS peak", mib(peak) + f"  (VmHWM since start{'' if peakReset else ' not resettable: sampled'}; "
+             f"max sampled VmRSS {peakSampled / MiB:.2f} MiB)"),
+            ("relay RSS end", mib(after["VmRSS"])),
+            ("growth", mib(growth) + "  (peak - start)"),
+            ("sender peak RSS", mib(sent["peakRss"])),
+            ("listener peak RSS", mib(got["peakRss"])),
+            ("SHA-256", got["sha256"] + ("  (matches sender)" if got["sha256"] == sent["sha256"] else "  (DIFFERS)")),
+        ]
+        width = max(len(name) for name, _ in rows)
+        print()
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
+        print(f"ratio growth/baseline = {ratio:.3f}")
+        print(f"  (baseline = budget of {BUDGET_BYTES // MiB} MiB relay RSS growth; < 1.0 means within budget: "
+              f"{'WITHIN BUDGET' if ratio < 1.0 else 'OVER BUDGET'})")
+        if problems:
+            print("DATA CHECK FAILED:")
+            for p in problems:
+                print("  " + p)
+            status = EXIT_DATA
+        elif ratio >= 1.0 and args.enforce_budget:
+            status = EXIT_BUDGET
+        else:
+            status = EXIT_OK
+            print("data check: OK (same byte count, SHA-256 and message count on both ends)")
+    except Deadline as e:
+        result["error"] = f"deadline: {e}"
+        print(f"DEADLINE PASSED ({args.timeout} s): {e}", file=sys.stderr)
+        status = EXIT_DEADLINE
+    except DataMismatch as e:
+        result["error"] = str(e)
+        status = EXIT_DATA
+    except (KeyboardInterrupt, SystemExit) as e:
+        result["error"] = f"interrupted: {e!r}"
+        status = EXIT_ERROR
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr)
+        status = EXIT_ERROR
+    finally:
+        for child in reversed(children):
+            child.kill()
+        result["exitStatus"] = status
+        outPath = args.json or os.path.join(OUT_DIR, "backpressure.json")
+        os.makedirs(os.path.dirname(os.path.abspath(outPath)), exist_ok=True)
+        with open(outPath, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results: {os.path.relpath(outPath)}")
+        import shutil
+
+        shutil.rmtree(dataDir, ignore_errors=True)
+    return status
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bytes", type=int, default=1024 * MiB, help="bytes to send (default: 1 GiB)")
+    parser.add_argument("--rate", type=float, default=20.0, help="the listener's drain rate in MB/s (10^6 bytes; default: 20)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="overall deadline in seconds (default: 600)")
+    parser.add_argument("--json", default=None, help="where to write the results (default: bench/out/backpressure.json)")
+    parser.add_argument("--python", default=None, help="the Python with twisted and autobahn (default: .venv/bin/python)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the payload bytes")
+    parser.add_argument("--enforce-budget", action="store_true", help="exit 3 when the relay grows by 8 MiB or more")
+    # Internal: the child roles.
+    parser.add_argument("--role", choices=["orchestrator", "listener", "sender"], default="orchestrator", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bytes <= 0 or args.rate <= 0 or args.timeout <= 0:
+        parser.error("--bytes, --rate and --timeout must be positive")
+    if args.role == "listener":
+        runListener(args)
+        return 0
+    if args.role == "sender":
+        runSender(args)
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
