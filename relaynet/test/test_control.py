@@ -1,0 +1,234 @@
+# -*- test-case-name: relaynet.test.test_control -*-
+"""
+Tests for L{relaynet.protocols.control}: a listener's control channel, with
+a fake protocol, a L{Clock} and a L{MemoryRegistry}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
+from relaynet.core import HandshakeInfo, Relay, RelaySettings
+from relaynet.entities import Entity, Namespace
+from relaynet.protocols.control import ControlChannel
+from relaynet.registry import IListenerChannel, MemoryRegistry
+
+KEY_NAME = "RootManageSharedAccessKey"
+KEY = "c2VjcmV0LWtleS1mb3ItdW5pdC10ZXN0cy1vbmx5LTE="
+SEND_ONLY = "SendOnly"
+HOST = "relay.test"
+NOW = 1_700_000_000
+GRACE = 300
+
+
+def token(entity: str = "hyco", expiry: int = NOW + 60, keyName: str = KEY_NAME, key: str = KEY) -> str:
+    return mintToken(f"http://{HOST}/{entity}", keyName, key, expiry)
+
+
+class _Proto:
+    """
+    Records what the channel asks of its WebSocket.
+    """
+
+    def __init__(self) -> None:
+        self.closes: list[tuple[int | None, bytes | None]] = []
+        self.messages: list[tuple[bytes, bool]] = []
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False) -> None:
+        self.closes.append((code, reasonUtf8))
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        self.messages.append((payload, isBinary))
+
+
+class _CountingRegistry(MemoryRegistry):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unregistered = 0
+
+    def unregister(self, entity: Entity, channel: Any) -> bool:
+        self.unregistered += 1
+        return super().unregister(entity, channel)
+
+
+class ChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.namespace = Namespace(dynamicEntities=True)
+        self.entity = self.namespace.declare(Entity(name="hyco"))
+        self.registry = _CountingRegistry()
+        self.relay = Relay(
+            namespace=self.namespace,
+            authorizer=Authorizer(
+                [Rule(name=KEY_NAME, primaryKey=KEY), Rule(name=SEND_ONLY, primaryKey=KEY, rights=Rights.SEND)],
+                graceSeconds=GRACE,
+            ),
+            clock=self.clock,
+            settings=RelaySettings(tokenGrace=GRACE),
+            registry=self.registry,
+        )
+
+    def channel(self, entity: Entity | None = None, expiry: int = NOW + 60) -> tuple[ControlChannel, _Proto]:
+        entity = entity or self.entity
+        proto = _Proto()
+        info = HandshakeInfo(host=HOST, secure=False, path=entity.name, rawQuery="", headers=[], query={})
+        checked = SasToken.parse(token(entity.name, expiry))
+        channel = ControlChannel(self.relay, proto, entity, info, checked, "listener-1")  # type: ignore[arg-type]
+        self.successResultOf(Deferred.fromCoroutine(channel.register()))
+        channel.opened()
+        return channel, proto
+
+    def renew(self, channel: ControlChannel, value: object) -> None:
+        channel.messageReceived(json.dumps({"renewToken": {"token": value}}).encode(), False)
+
+    def assertRenewalFailed(self, proto: _Proto) -> None:
+        [(code, reason)] = proto.closes
+        self.assertEqual(code, 1008)
+        assert reason is not None
+        self.assertTrue(reason.startswith(b"Token renewal failed"), reason)
+        self.assertEqual(self.registry.listenerCount(self.entity), 0)
+
+    def test_isAListenerChannel(self) -> None:
+        channel, _ = self.channel()
+        self.assertTrue(verifyObject(IListenerChannel, channel))
+        self.assertEqual(channel.rendezvousBase, f"ws://{HOST}")
+
+    def test_registered(self) -> None:
+        channel, _ = self.channel()
+        self.assertTrue(channel.registered)
+        self.assertEqual(self.registry.listenerCount(self.entity), 1)
+
+    def test_expiryPlusGraceCloses1008(self) -> None:
+        channel, proto = self.channel(expiry=NOW + 60)
+        self.clock.advance(60 + GRACE - 1)
+        self.assertEqual(proto.closes, [])
+        self.clock.advance(1)
+        [(code, reason)] = proto.closes
+        self.assertEqual(code, 1008)
+        self.assertIn(b"expired", reason or b"")
+        self.assertFalse(channel.registered)
+        self.assertEqual(self.registry.listenerCount(self.entity), 0)
+
+    def test_alreadyExpiredTokenClosesAtOnceAfterGrace(self) -> None:
+        _, proto = self.channel(expiry=NOW - GRACE - 10)
+        self.clock.advance(0)
+        self.assertEqual([code for code, _ in proto.closes], [1008])
+
+    def test_renewalPushesExpiry(self) -> None:
+        channel, proto = self.channel(expiry=NOW + 60)
+        self.clock.advance(30)
+        self.renew(channel, token(expiry=NOW + 3600))
+        self.clock.advance(60 + GRACE)
+        self.assertEqual(proto.closes, [])
+        self.assertTrue(channel.registered)
+        self.clock.advance(3600 + GRACE - (60 + GRACE) - 30)
+        self.assertEqual([code for code, _ in proto.closes], [1008])
+
+    def test_renewalWithinGraceAccepted(self) -> None:
+        channel, proto = self.channel(expiry=NOW + 60)
+        self.clock.advance(100)
+        self.renew(channel, token(expiry=NOW + 90))
+        self.assertEqual(proto.closes, [])
+        self.clock.advance(90 + GRACE - 100 - 1)
+        self.assertEqual(proto.closes, [])
+        self.clock.advance(1)
+        self.assertEqual(len(proto.closes), 1)
+
+    def test_renewalForOtherEntityFails(self) -> None:
+        channel, proto = self.channel()
+        self.renew(channel, token("other", NOW + 3600))
+        self.assertRenewalFailed(proto)
+
+    def test_renewalExpiredBeyondGraceFails(self) -> None:
+        channel, proto = self.channel()
+        self.renew(channel, token(expiry=NOW - GRACE - 1))
+        self.assertRenewalFailed(proto)
+
+    def test_renewalWithWrongKeyFails(self) -> None:
+        channel, proto = self.channel()
+        self.renew(channel, token(expiry=NOW + 3600, key="d3Jvbmcta2V5"))
+        self.assertRenewalFailed(proto)
+
+    def test_renewalWithoutListenRightFails(self) -> None:
+        channel, proto = self.channel()
+        self.renew(channel, token(expiry=NOW + 3600, keyName=SEND_ONLY))
+        self.assertRenewalFailed(proto)
+
+    def test_renewalWithGarbageFails(self) -> None:
+        for value in ["garbage", "", 5, None]:
+            with self.subTest(value=value):
+                channel, proto = self.channel()
+                self.renew(channel, value)
+                self.assertRenewalFailed(proto)
+
+    def test_failedRenewalStopsExpiryTimer(self) -> None:
+        channel, proto = self.channel()
+        self.renew(channel, "garbage")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10_000)
+        self.assertEqual(len(proto.closes), 1)
+
+    def test_ignoredMessages(self) -> None:
+        channel, proto = self.channel()
+        for payload, isBinary in [
+            (b'{"message":"hi"}', False),
+            (b'{"renewToken":"not an object"}', False),
+            (b"{not json", False),
+            (b"\xff\xfe", False),
+            (b"[1, 2]", False),
+            (b"5", False),
+            (b"{}", False),
+            (b"", True),
+            (b'{"renewToken":{"token":"garbage"}}', True),
+        ]:
+            channel.messageReceived(payload, isBinary)
+        self.assertEqual(proto.closes, [])
+        self.assertTrue(channel.registered)
+
+    def test_lostUnregistersOnce(self) -> None:
+        channel, _ = self.channel()
+        channel.lost()
+        channel.lost()
+        self.assertEqual(self.registry.unregistered, 1)
+        self.assertEqual(self.registry.listenerCount(self.entity), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closeAfterLostDoesNotUnregisterAgain(self) -> None:
+        channel, proto = self.channel()
+        channel.lost()
+        channel.close(1001, "going")
+        self.assertEqual(self.registry.unregistered, 1)
+        self.assertEqual(proto.closes, [(1001, b"going")])
+
+    def test_lostRemovesDynamicEntityWithLastListener(self) -> None:
+        entity = self.namespace.forListener("fresh")
+        first, _ = self.channel(entity)
+        second, _ = self.channel(entity)
+        first.lost()
+        self.assertIs(self.namespace.get("fresh"), entity)
+        second.lost()
+        self.assertIsNone(self.namespace.get("fresh"))
+
+    def test_lostKeepsDeclaredEntity(self) -> None:
+        channel, _ = self.channel()
+        channel.lost()
+        self.assertIs(self.namespace.get("hyco"), self.entity)
+
+    def test_sendCommandWritesCompactJsonText(self) -> None:
+        channel, proto = self.channel()
+        channel.sendCommand({"accept": {"address": "ws://x/$hc/hyco?a=1", "id": "i", "n": 1}})
+        self.assertEqual(proto.messages, [(b'{"accept":{"address":"ws://x/$hc/hyco?a=1","id":"i","n":1}}', False)])
+
+    def test_closeReasonFitsAControlFrame(self) -> None:
+        channel, proto = self.channel()
+        channel.close(1008, "x" * 300)
+        [(code, reason)] = proto.closes
+        self.assertEqual((code, len(reason or b"")), (1008, 123))

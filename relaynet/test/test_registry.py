@@ -1,0 +1,196 @@
+# -*- test-case-name: relaynet.test.test_registry -*-
+"""
+Tests for L{relaynet.registry}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from relaynet.entities import Entity
+from relaynet.errors import NoListeners, QuotaExceeded
+from relaynet.registry import (
+    IListenerChannel,
+    IListenerRegistry,
+    MemoryRegistry,
+    RendezvousTable,
+    newConnectionId,
+)
+
+
+@implementer(IListenerChannel)
+class _Channel:
+    rendezvousBase = "ws://relay.test"
+
+    def __init__(self, listenerId: str) -> None:
+        self.listenerId = listenerId
+        self.sent: list[dict[str, Any]] = []
+
+    def sendCommand(self, command: dict[str, Any]) -> None:
+        self.sent.append(command)
+
+
+class MemoryRegistryTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        self.assertTrue(verifyObject(IListenerRegistry, MemoryRegistry()))
+        self.assertTrue(verifyObject(IListenerChannel, _Channel("a")))
+
+    def test_registerUpToMaximum(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="hyco", maxListeners=2)
+        self.successResultOf(registry.register(entity, _Channel("a")))
+        self.successResultOf(registry.register(entity, _Channel("b")))
+        error = self.failureResultOf(registry.register(entity, _Channel("c")), QuotaExceeded).value
+        self.assertEqual(error.status, 403)
+        self.assertIn("MaximumListenersPerEndpoint", error.reason)
+        self.assertEqual(registry.listenerCount(entity), 2)
+
+    def test_limitIsPerEntity(self) -> None:
+        registry = MemoryRegistry()
+        one, two = Entity(name="one", maxListeners=1), Entity(name="two", maxListeners=1)
+        self.successResultOf(registry.register(one, _Channel("a")))
+        self.successResultOf(registry.register(two, _Channel("b")))
+        self.assertEqual((registry.listenerCount(one), registry.listenerCount(two)), (1, 1))
+
+    def test_entitiesMatchCaseInsensitively(self) -> None:
+        registry, channel = MemoryRegistry(), _Channel("a")
+        self.successResultOf(registry.register(Entity(name="HyCo"), channel))
+        self.assertEqual(registry.listenerCount(Entity(name="hyco")), 1)
+
+    def test_unregisterSaysWhenEmpty(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="hyco")
+        a, b = _Channel("a"), _Channel("b")
+        registry.register(entity, a), registry.register(entity, b)
+        self.assertFalse(registry.unregister(entity, a))
+        self.assertTrue(registry.unregister(entity, b))
+        self.assertEqual(registry.listenerCount(entity), 0)
+
+    def test_unregisterUnknownIgnored(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="hyco")
+        registry.register(entity, _Channel("a"))
+        self.assertFalse(registry.unregister(entity, _Channel("stranger")))
+        self.assertEqual(registry.listenerCount(entity), 1)
+        self.assertTrue(registry.unregister(Entity(name="other"), _Channel("x")))
+
+    def test_unregisterFreesAPlace(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="hyco", maxListeners=1)
+        a = _Channel("a")
+        registry.register(entity, a)
+        registry.unregister(entity, a)
+        self.successResultOf(registry.register(entity, _Channel("b")))
+
+    def test_deliverWithoutListeners(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="hyco")
+        made: list[Any] = []
+        error = self.failureResultOf(registry.deliver(entity, made.append), NoListeners).value
+        self.assertEqual(error.status, 404)
+        self.assertIn("no listeners connected", error.reason)
+        self.assertEqual(made, [])
+
+    def test_deliverAfterLastListenerLeft(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="hyco")
+        a = _Channel("a")
+        registry.register(entity, a)
+        registry.unregister(entity, a)
+        self.failureResultOf(registry.deliver(entity, lambda c: {}), NoListeners)
+
+    def test_deliverToTheChosenListener(self) -> None:
+        offered: list[list[IListenerChannel]] = []
+
+        def choose(channels: list[IListenerChannel]) -> IListenerChannel:
+            offered.append(list(channels))
+            return channels[1]
+
+        registry, entity = MemoryRegistry(choose), Entity(name="hyco")
+        a, b = _Channel("a"), _Channel("b")
+        registry.register(entity, a), registry.register(entity, b)
+        chosen = self.successResultOf(
+            registry.deliver(entity, lambda channel: {"accept": {"for": channel.listenerId}})
+        )
+        self.assertIs(chosen, b)
+        self.assertEqual(offered, [[a, b]])
+        self.assertEqual(b.sent, [{"accept": {"for": "b"}}])
+        self.assertEqual(a.sent, [])
+
+
+class RendezvousTableTests(SynchronousTestCase):
+    def test_takeBeforeDeadline(self) -> None:
+        clock, expired = Clock(), []
+        table: RendezvousTable[str] = RendezvousTable(clock, limit=10)
+        self.assertTrue(table.add("id1", "sender", 30, expired.append))
+        self.assertEqual(len(table), 1)
+        self.assertEqual(table.take("id1"), "sender")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(60)
+        self.assertEqual(expired, [])
+        self.assertEqual(len(table), 0)
+
+    def test_takeTwiceOrUnknown(self) -> None:
+        table: RendezvousTable[str] = RendezvousTable(Clock(), limit=10)
+        table.add("id1", "sender", 30, lambda w: None)
+        table.take("id1")
+        self.assertIsNone(table.take("id1"))
+        self.assertIsNone(table.take("nope"))
+
+    def test_expiryCallsBackOnceAndRemoves(self) -> None:
+        clock, expired = Clock(), []
+        table: RendezvousTable[str] = RendezvousTable(clock, limit=10)
+        table.add("id1", "sender", 30, expired.append)
+        clock.advance(29.9)
+        self.assertEqual(expired, [])
+        clock.advance(0.1)
+        self.assertEqual(expired, ["sender"])
+        self.assertEqual(len(table), 0)
+        self.assertIsNone(table.take("id1"))
+        clock.advance(100)
+        self.assertEqual(expired, ["sender"])
+
+    def test_eachWaiterHasItsOwnDeadline(self) -> None:
+        clock, expired = Clock(), []
+        table: RendezvousTable[str] = RendezvousTable(clock, limit=10)
+        table.add("a", "first", 10, expired.append)
+        table.add("b", "second", 20, expired.append)
+        clock.advance(10)
+        self.assertEqual(expired, ["first"])
+        self.assertEqual(table.take("b"), "second")
+
+    def test_limitRefusesAdds(self) -> None:
+        clock, expired = Clock(), []
+        table: RendezvousTable[str] = RendezvousTable(clock, limit=2)
+        self.assertTrue(table.add("a", "1", 30, expired.append))
+        self.assertTrue(table.add("b", "2", 30, expired.append))
+        self.assertFalse(table.add("c", "3", 30, expired.append))
+        self.assertEqual(len(table), 2)
+        self.assertEqual(len(clock.getDelayedCalls()), 2)
+        self.assertIsNone(table.take("c"))
+        table.take("a")
+        self.assertTrue(table.add("c", "3", 30, expired.append))
+
+
+class NewConnectionIdTests(SynchronousTestCase):
+    def test_keepsClientIdPrefix(self) -> None:
+        self.assertTrue(newConnectionId("7a3c-tracking").startswith("7a3c-tracking_G"))
+
+    def test_differentEachCall(self) -> None:
+        ids = {newConnectionId("same") for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
+
+    def test_randomPartIsLong(self) -> None:
+        """
+        The id is the only credential of an accept: its random part has at
+        least 80 bits.
+        """
+        suffix = newConnectionId("client").split("_G", 1)[1]
+        self.assertGreaterEqual(len(suffix) * 4, 80)
+        self.assertTrue(re.fullmatch(r"[0-9a-f]+", suffix))
+
+    def test_withoutClientId(self) -> None:
+        first, second = newConnectionId(None), newConnectionId(None)
+        self.assertIn("_G", first)
+        self.assertNotEqual(first.split("_G")[0], second.split("_G")[0])
+        self.assertNotEqual(first, second)
