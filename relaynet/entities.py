@@ -18,6 +18,7 @@ from relaynet.errors import BadRequest, EndpointNotFound
 __all__ = ["Entity", "Namespace", "validEntityName"]
 
 MAX_NAME_LENGTH = 260
+DEFAULT_MAX_LISTENERS = 25
 
 
 def validEntityName(name: str) -> str:
@@ -46,10 +47,12 @@ class Entity:
     @ivar dynamic: made by the arrival of a listener, removed with the last.
     @ivar anonymousSenders: senders need no token
         (C{requiresClientAuthorization} false).
+    @ivar maxListeners: the most listeners it takes at once; C{None} for
+        the namespace's default.
     """
 
     name: str
-    maxListeners: int = 25
+    maxListeners: int | None = None
     anonymousSenders: bool = False
     rules: Sequence[Rule] = ()
     dynamic: bool = False
@@ -57,6 +60,10 @@ class Entity:
     @property
     def key(self) -> str:
         return self.name.lower()
+
+    @property
+    def listenerLimit(self) -> int:
+        return DEFAULT_MAX_LISTENERS if self.maxListeners is None else self.maxListeners
 
 
 @dataclass
@@ -69,13 +76,15 @@ class Namespace:
         no token, applied to dynamic entities as they appear.
     """
 
-    maxListeners: int = 25
+    maxListeners: int = DEFAULT_MAX_LISTENERS
     dynamicEntities: bool = False
     anonymousNames: frozenset[str] = frozenset()
     _entities: dict[str, Entity] = field(default_factory=dict)
 
     def declare(self, entity: Entity) -> Entity:
         entity.name = validEntityName(entity.name)
+        if entity.maxListeners is None:
+            entity.maxListeners = self.maxListeners
         self._entities[entity.key] = entity
         return entity
 

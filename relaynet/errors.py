@@ -23,6 +23,8 @@ __all__ = [
     "ListenerTimeout",
     "Gone",
     "PolicyViolation",
+    "BadGateway",
+    "ServerBusy",
     "safeReason",
 ]
 
@@ -104,3 +106,15 @@ class PolicyViolation(RelayError):
     status = 400
     code = "PolicyViolation"
     closeCode = 1008
+
+
+class BadGateway(RelayError):
+    status = 502
+    code = "BadGateway"
+    closeCode = 1011
+
+
+class ServerBusy(RelayError):
+    status = 503
+    code = "ServerBusy"
+    closeCode = 1013

@@ -89,4 +89,4 @@ class RelaySite(Site):
 
 def makeSite(relay: Relay) -> tuple[RelaySite, HybridConnectionFactory]:
     websockets = HybridConnectionFactory(relay)
-    return RelaySite(FrontDoor(relay, websockets)), websockets
+    return RelaySite(FrontDoor(relay, websockets), reactor=relay.clock), websockets

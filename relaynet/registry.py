@@ -95,11 +95,11 @@ class MemoryRegistry:
 
     def register(self, entity: Entity, channel: IListenerChannel) -> Deferred[None]:
         channels = self._listeners.setdefault(entity.key, [])
-        if len(channels) >= entity.maxListeners:
+        if len(channels) >= entity.listenerLimit:
             return fail(
                 QuotaExceeded(
                     f"The number of listeners for {entity.name} reached its maximum "
-                    f"(MaximumListenersPerEndpoint: {entity.maxListeners})."
+                    f"(MaximumListenersPerEndpoint: {entity.listenerLimit})."
                 )
             )
         channels.append(channel)

@@ -83,8 +83,6 @@ class RelayService(MultiService):
             anonymousNames=anonymous,
         )
         for entity in config["entities"]:
-            if entity.maxListeners == 25:
-                entity.maxListeners = config["max-listeners"]
             entity.anonymousSenders = entity.anonymousSenders or entity.key in anonymous
             namespace.declare(entity)
         relay = Relay(

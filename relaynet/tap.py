@@ -145,16 +145,49 @@ class Options(usage.Options):
             raise usage.UsageError(f"config file {path}: {e}") from None
 
 
+def _value(table: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """
+    C{table[name]}, which must be of C{kind} (an int is a float too, a bool
+    is no number), or C{default} when absent.
+    """
+    if name not in table:
+        return default
+    value = table[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = number if kind is float else (number and isinstance(value, int)) if kind is int else isinstance(value, kind)
+    if not fits:
+        raise ValueError(f"{name} must be {_KINDS[kind]}, not {value!r}")
+    if kind in (int, float) and value <= 0:
+        raise ValueError(f"{name} must be positive, not {value!r}")
+    return value
+
+
+def _required(table: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in table:
+        raise ValueError(f"{name} is missing")
+    return _value(table, name, kind)
+
+
+def _strings(table: dict[str, Any], name: str) -> list[str]:
+    values = _value(table, name, list, [])
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a list of strings")
+    return values
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _ruleFromTable(table: dict[str, Any]) -> Rule:
     unknown = set(table) - {"name", "key", "secondary-key", "rights"}
     if unknown:
         raise ValueError(f"unknown rule settings {sorted(unknown)}")
-    rights = table.get("rights")
+    rights = table.get("rights", "Listen,Send,Manage")
     return Rule(
-        name=str(table["name"]),
-        primaryKey=str(table["key"]),
-        secondaryKey=table.get("secondary-key"),
-        rights=Rights.parse(rights if isinstance(rights, str) else ",".join(rights)) if rights else Rule.rights,
+        name=_required(table, "name", str),
+        primaryKey=_required(table, "key", str),
+        secondaryKey=_value(table, "secondary-key", str),
+        rights=Rights.parse(rights if isinstance(rights, str) else ",".join(_strings(table, "rights"))),
     )
 
 
@@ -164,14 +197,12 @@ def _entityFromConfig(item: str | dict[str, Any]) -> Entity:
     unknown = set(item) - {"name", "max-listeners", "anonymous-senders", "rule"}
     if unknown:
         raise ValueError(f"unknown entity settings {sorted(unknown)}")
-    entity = Entity(
-        name=validEntityName(str(item["name"])),
-        anonymousSenders=bool(item.get("anonymous-senders", False)),
-        rules=tuple(_ruleFromTable(r) for r in item.get("rule", [])),
+    return Entity(
+        name=validEntityName(_required(item, "name", str)),
+        maxListeners=_value(item, "max-listeners", int),
+        anonymousSenders=_value(item, "anonymous-senders", bool, False),
+        rules=tuple(_ruleFromTable(r) for r in _value(item, "rule", list, [])),
     )
-    if "max-listeners" in item:
-        entity.maxListeners = int(item["max-listeners"])
-    return entity
 
 
 def applyConfig(options: Options, config: dict[str, Any]) -> None:
@@ -184,17 +215,17 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
-    options["listen"].extend(str(e) for e in config.get("listen", []))
-    options["rules"].extend(_ruleFromTable(r) for r in config.get("rule", []))
-    options["entities"].extend(_entityFromConfig(e) for e in config.get("entity", []))
-    options["hostnames"].extend(str(n) for n in config.get("hostname", []))
-    options["anonymous-senders"].extend(str(n).strip("/").lower() for n in config.get("anonymous-senders", []))
-    if config.get("dynamic-entities"):
+    options["listen"].extend(_strings(config, "listen"))
+    options["rules"].extend(_ruleFromTable(r) for r in _value(config, "rule", list, []))
+    options["entities"].extend(_entityFromConfig(e) for e in _value(config, "entity", list, []))
+    options["hostnames"].extend(_strings(config, "hostname"))
+    options["anonymous-senders"].extend(n.strip("/").lower() for n in _strings(config, "anonymous-senders"))
+    if _value(config, "dynamic-entities", bool, False):
         options["dynamic-entities"] = True
-    for name in ["data-dir", "max-listeners"] + [n for n, _, _, _ in _SETTINGS]:
-        if options[name] is None and name in config:
-            value = config[name]
-            options[name] = value if name == "data-dir" else _positive(type(value))(str(value))
+    kinds = {"data-dir": str, "max-listeners": int, **{name: kind for name, _, kind, _ in _SETTINGS}}
+    for name, kind in kinds.items():
+        if options[name] is None:
+            options[name] = _value(config, name, kind)
 
 
 def makeService(config: Options, reactor: IReactorTime | None = None) -> IService:

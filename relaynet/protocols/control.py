@@ -26,12 +26,20 @@ from relaynet.registry import IListenerChannel
 if TYPE_CHECKING:
     from relaynet.protocols.websocket import HybridConnectionProtocol
 
-__all__ = ["ControlChannel"]
+__all__ = ["ControlChannel", "closeReason"]
 
 log = Logger()
 
 POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
+
+
+def closeReason(text: str) -> bytes:
+    """
+    C{text} as a close frame's reason: UTF-8, cut to the 123 bytes a close
+    frame has room for without splitting a character.
+    """
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
 
 
 @implementer(IListenerChannel)
@@ -103,7 +111,7 @@ class ControlChannel:
             code=code,
             reason=reason,
         )
-        self.proto.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+        self.proto.sendCloseFrame(code=code, reasonUtf8=closeReason(reason))
 
     def sendCommand(self, command: dict[str, Any]) -> None:
         self.proto.sendMessage(json.dumps(command, separators=(",", ":")).encode("utf-8"), isBinary=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Callable, cast
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
-from relaynet.errors import BadRequest, Gone, ListenerTimeout, RelayError, safeReason
+from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
 from relaynet.protocols.splice import Leg, splice
 from relaynet.registry import IListenerChannel, newConnectionId
@@ -58,7 +58,9 @@ def stripRelayParameters(rawQuery: str) -> str:
     The query without any C{sb-hc-} parameter that has a value, the rest kept
     byte for byte.
     """
-    kept = [p for p in rawQuery.split("&") if not (p.lower().startswith("sb-hc-") and "=" in p)]
+    kept = [
+        p for p in rawQuery.split("&") if not ("=" in p and unquote_plus(p.partition("=")[0]).lower().startswith("sb-hc-"))
+    ]
     return "&".join(kept) if any(kept) or len(kept) > 1 else ""
 
 
@@ -168,7 +170,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
                 )
             ),
         ):
-            raise RelayError("The relay is busy: too many connections are waiting for a listener.")
+            raise ServerBusy("The relay is busy: too many connections are waiting for a listener.")
         self._pendingId = rendezvousId
         self._pendingSender = pending
         query = stripRelayParameters(self.info.rawQuery)
@@ -296,6 +298,10 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         return super().onCloseFrame(code, reasonRaw)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._pendingSender is not None and isinstance(self.role, Leg):
+            # A listener at the rendezvous whose own handshake failed.
+            self._pendingSender.deny(BadGateway("The listener could not complete the rendezvous."))
+            self._pendingSender = None
         if self._pendingId is not None:
             self.relay.rendezvous.take(self._pendingId)
             self._pendingId = None

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
 from relaynet.core import HandshakeInfo, Relay, RelaySettings
 from relaynet.entities import Entity, Namespace
-from relaynet.protocols.control import ControlChannel
+from relaynet.protocols.control import ControlChannel, closeReason
 from relaynet.registry import IListenerChannel, MemoryRegistry
 
 KEY_NAME = "RootManageSharedAccessKey"
@@ -232,3 +232,16 @@ class ChannelTests(SynchronousTestCase):
         channel.close(1008, "x" * 300)
         [(code, reason)] = proto.closes
         self.assertEqual((code, len(reason or b"")), (1008, 123))
+
+
+class CloseReasonTests(SynchronousTestCase):
+    def test_cutOnACharacter(self) -> None:
+        """
+        A long reason is cut to 123 bytes without splitting a character.
+        """
+        reason = closeReason("Token renewal failed: " + "é" * 100)
+        self.assertLessEqual(len(reason), 123)
+        self.assertTrue(reason.decode("utf-8").endswith("é"))
+
+    def test_shortReasonKept(self) -> None:
+        self.assertEqual(closeReason("gone"), b"gone")

@@ -47,7 +47,7 @@ class EntityTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         entity = Entity(name="hyco")
-        self.assertEqual((entity.maxListeners, entity.anonymousSenders, entity.dynamic), (25, False, False))
+        self.assertEqual((entity.listenerLimit, entity.anonymousSenders, entity.dynamic), (25, False, False))
 
 
 class DeclareTests(SynchronousTestCase):

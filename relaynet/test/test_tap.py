@@ -202,9 +202,32 @@ class ConfigFileTests(SynchronousTestCase):
             '[[rule]]\nname = "a"\nkey = "k"\nrights = "Everything"\n',
             'entity = ["a//b"]\n',
             "ping-interval = 60\nping-timeout = 30\n",
+            # Values of the wrong kind are refused, not converted.
+            "max-listeners = 2.5\n",
+            "max-listeners = true\n",
+            "token-grace = 0.5\n",
+            'dynamic-entities = "false"\n',
+            '[[entity]]\nname = "a"\nanonymous-senders = "false"\n',
+            '[[entity]]\nname = "a"\nmax-listeners = 0\n',
+            'listen = "tcp:1"\n',
+            'anonymous-senders = "abc"\n',
+            '[[rule]]\nname = "a"\nkey = "k"\nrights = []\n',
+            '[[rule]]\nname = "a"\nkey = "k"\nrights = ""\n',
         ]:
             with self.subTest(text=text):
                 self.assertRaises(usage.UsageError, parse, "--config", self.config(text))
+
+    def test_entityLimitOverNamespaceDefault(self) -> None:
+        """
+        An entity's own max-listeners holds even when it equals the built-in
+        default and the namespace default is another.
+        """
+        options = parse(
+            "--max-listeners", "5", "--config", self.config('[[entity]]\nname = "big"\nmax-listeners = 25\n'), "--entity", "small"
+        )
+        service = makeService(options, MemoryReactorClock())
+        namespace = service.relay.namespace
+        self.assertEqual((namespace.get("big").maxListeners, namespace.get("small").maxListeners), (25, 5))
 
     def test_unreadableFile(self) -> None:
         self.assertRaises(usage.UsageError, parse, "--config", self.mktemp())

@@ -481,7 +481,7 @@ class SenderTests(SynchronousTestCase):
         listener = h.listen()
         h.send()
         second = h.send()
-        self.assertEqual(second.status, 500)
+        self.assertEqual(second.status, 503)
         self.assertIn("busy", second.reason)
         self.assertEqual(len(listener.commands()), 1)
 
@@ -580,6 +580,23 @@ class AcceptTests(SynchronousTestCase):
         peer = h.connect("/$hc/hyco?sb-hc-action=accept&sb-hc-id=made-up_G0")
         self.assertEqual(peer.status, 404)
 
+    def test_failedListenerHandshakeAnswersTheSender(self) -> None:
+        """
+        A listener whose rendezvous handshake fails after it was matched to
+        its sender leaves the sender with a 502 at once, not waiting.
+        """
+        h = Harness()
+        listener = h.listen()
+        sender = h.send()
+        accepting = h.rendezvous(
+            listener.commands()[0]["accept"]["address"],
+            headers=[("Sec-WebSocket-Extensions", "permessage-deflate; bogus=1")],
+        )
+        self.assertEqual(accepting.status, 400)
+        h.settle()
+        self.assertEqual(sender.status, 502)
+        self.assertEqual(len(h.relay.rendezvous), 0)
+
     def test_acceptedIdCannotBeUsedTwice(self) -> None:
         h = Harness()
         listener, _, _ = h.pair()
@@ -597,6 +614,9 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(stripRelayParameters("sb-hc-action=connect&SB-HC-TOKEN=t"), "")
         self.assertEqual(stripRelayParameters(""), "")
         self.assertEqual(stripRelayParameters("a=%2F&b"), "a=%2F&b")
+        # A parameter name is matched as it decodes.
+        self.assertEqual(stripRelayParameters("sb%2Dhc-token=secret&x=1"), "x=1")
+        self.assertEqual(stripRelayParameters("sb-hc-undefined&sb-hc-x=&foo=bar"), "sb-hc-undefined&foo=bar")
 
     def test_clockTimerUsesTheClock(self) -> None:
         clock, calls = Clock(), []
