@@ -39,7 +39,7 @@ run: install
 test: install-test
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) relaynet
 
-bench: install-test
+bench: install
 	$(BIN)/python bench/run.py
 
 clean:

@@ -197,7 +197,9 @@ def runListener(args: argparse.Namespace) -> None:
     from twisted.internet.task import LoopingCall
 
     rate = args.rate * 1e6  # bytes per second
-    burst = 4 * MESSAGE_SIZE
+    # The bucket holds 50 ms of reading (at least 256 KiB): with a 5 ms
+    # tick a smaller one would cap the rate at bucket / 5 ms.
+    burst = max(4 * MESSAGE_SIZE, rate * 0.05)
     state: dict[str, Any] = {"control": None}
 
     class SlowReader(WebSocketClientProtocol):
@@ -228,15 +230,17 @@ def runListener(args: argparse.Namespace) -> None:
             if self.budget <= 0 and not self.paused and self.transport is not None:
                 self.paused = True
                 self.pauses += 1
-                self.transport.pauseProducing()
+                transport: Any = self.transport
+                transport.pauseProducing()
 
         def tick(self) -> None:
             now = time.monotonic()
             self.budget = min(self.budget + rate * (now - self.stamp), float(burst))
             self.stamp = now
-            if self.paused and self.budget > 0:
+            if self.paused and self.budget > 0 and self.transport is not None:
                 self.paused = False
-                self.transport.resumeProducing()
+                transport: Any = self.transport
+                transport.resumeProducing()
 
         def onOpen(self) -> None:
             emit(event="accepted", t=time.time())
@@ -339,7 +343,8 @@ def runSender(args: argparse.Namespace) -> None:
             self.started = True
             self.t0 = time.time()
             self.cpu0 = ownCpu()
-            self.transport.registerProducer(self, True)
+            transport: Any = self.transport
+            transport.registerProducer(self, True)
             self.paused = False
             self.pump()
 
@@ -356,7 +361,8 @@ def runSender(args: argparse.Namespace) -> None:
             if self.sent >= total and not self.finished:
                 self.finished = True
                 self.tSent = time.time()
-                self.transport.unregisterProducer()
+                transport: Any = self.transport
+                transport.unregisterProducer()
                 self.sendClose(1000)
 
         def pauseProducing(self) -> None:
@@ -440,7 +446,9 @@ class Child:
             stdin=stdin,
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not subprocess.PIPE else None,
-            preexec_fn=_dieWithParent,
+            # Only a prctl() call, made before the reader threads exist
+            # for this child.
+            preexec_fn=_dieWithParent,  # noqa: PLW1509
         )
         if stdout is subprocess.PIPE:
             threading.Thread(target=self._read, daemon=True).start()
@@ -563,6 +571,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def revision() -> dict[str, Any]:
+    """
+    The relaynet commit measured, and the files that differ from it
+    (read-only git commands).
+    """
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", "--no-optional-locks", *argv], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "relaynet", "twisted").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommittedRelayFiles": dirty}
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     start = time.monotonic()
     deadline = start + args.timeout
@@ -580,6 +605,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "benchmark": "backpressure",
         "machine": machine(),
+        "revision": revision(),
         "config": {
             "bytes": args.bytes,
             "messageSize": MESSAGE_SIZE,
@@ -606,9 +632,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         # The relay.
         for attempt in range(3):
             port = freePort()
-            log = open(relayLog, "wb")
-            relay = Child("relay", relayArgv(python, port, key, dataDir), env, stdout=log, stdin=subprocess.DEVNULL)
-            log.close()
+            with open(relayLog, "wb") as log:
+                relay = Child("relay", relayArgv(python, port, key, dataDir), env, stdout=log, stdin=subprocess.DEVNULL)
             children.append(relay)
             try:
                 waitForPort(port, relay, min(deadline, time.monotonic() + 30))
@@ -722,14 +747,22 @@ def orchestrate(args: argparse.Namespace) -> int:
             ("MB/s", f"{got['bytes'] / seconds / 1e6:.2f}  ({got['bytes'] / seconds / MiB:.2f} MiB/s)"),
             ("relay RSS idle", mib(idle["VmRSS"]) + "  (before any client)"),
             ("relay RSS start", mib(before["VmRSS"]) + "  (listener and sender connected)"),
-            ("relay RSS peak", mib(peak) + f"  (VmHWM since start{'' if peakReset else ' not resettable: sampled'}; "
-             f"max sampled VmRSS {peakSampled / MiB:.2f} MiB)"),
+            (
+                "relay RSS peak",
+                mib(peak) + f"  (VmHWM since start{'' if peakReset else ' not resettable: sampled'}; "
+                f"max sampled VmRSS {peakSampled / MiB:.2f} MiB)",
+            ),
             ("relay RSS end", mib(after["VmRSS"])),
             ("growth", mib(growth) + "  (peak - start)"),
             ("sender peak RSS", mib(sent["peakRss"])),
             ("listener peak RSS", mib(got["peakRss"])),
-            ("CPU seconds", f"relay {relayCpu:.1f}, sender {sent['cpu']:.1f}, listener {got['cpu']:.1f}"
-             f"  (of {seconds:.1f} s wall, {os.cpu_count()} CPUs)"),
+            (
+                "CPU seconds",
+                (
+                    f"relay {relayCpu:.1f}, sender {sent['cpu']:.1f}, listener {got['cpu']:.1f}"
+                    f"  (of {seconds:.1f} s wall, {result['machine']['nproc']} CPUs)"
+                ),
+            ),
             ("SHA-256", got["sha256"] + ("  (matches sender)" if got["sha256"] == sent["sha256"] else "  (DIFFERS)")),
         ]
         width = max(len(name) for name, _ in rows)
@@ -756,7 +789,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, SystemExit) as e:
         result["error"] = f"interrupted: {e!r}"
         status = EXIT_ERROR
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported, and the children still killed
         result["error"] = f"{type(e).__name__}: {e}"
         print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr)
         status = EXIT_ERROR

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from backpressure import main  # noqa: E402
+from backpressure import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
