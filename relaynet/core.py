@@ -24,6 +24,8 @@ class RelaySettings:
     Limits and deadlines, with the defaults of the wire contract.
 
     @ivar acceptTimeout: seconds a sender waits for a listener to accept.
+    @ivar requestTimeout: seconds a listener has to answer an HTTP request,
+        and the longest pause in a response body.
     @ivar pingInterval: seconds between pings on a listener's control
         channel; a listener that leaves a ping unanswered for
         C{pingTimeout} seconds is dropped.
@@ -37,6 +39,7 @@ class RelaySettings:
     """
 
     acceptTimeout: float = 30.0
+    requestTimeout: float = 60.0
     pingInterval: float = 30.0
     pingTimeout: float = 60.0
     tokenGrace: int = 300
@@ -107,6 +110,7 @@ class Relay:
     settings: RelaySettings = field(default_factory=RelaySettings)
     registry: IListenerRegistry = field(default_factory=MemoryRegistry)
     rendezvous: RendezvousTable[Any] = field(init=False)
+    exchanges: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rendezvous = RendezvousTable(self.clock, self.settings.maxPending)

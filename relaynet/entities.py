@@ -49,6 +49,8 @@ class Entity:
         (C{requiresClientAuthorization} false).
     @ivar maxListeners: the most listeners it takes at once; C{None} for
         the namespace's default.
+    @ivar requestTimeout: seconds its listeners have to answer an HTTP
+        request; C{None} for the relay's default.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Entity:
     anonymousSenders: bool = False
     rules: Sequence[Rule] = ()
     dynamic: bool = False
+    requestTimeout: float | None = None
 
     @property
     def key(self) -> str:

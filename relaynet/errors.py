@@ -24,6 +24,8 @@ __all__ = [
     "Gone",
     "PolicyViolation",
     "BadGateway",
+    "GatewayTimeout",
+    "MethodNotAllowed",
     "ServerBusy",
     "safeReason",
 ]
@@ -118,3 +120,15 @@ class ServerBusy(RelayError):
     status = 503
     code = "ServerBusy"
     closeCode = 1013
+
+
+class GatewayTimeout(RelayError):
+    status = 504
+    code = "GatewayTimeout"
+    closeCode = 1011
+
+
+class MethodNotAllowed(RelayError):
+    status = 405
+    code = "MethodNotAllowed"
+    closeCode = 1008

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from relaynet.core import Relay
-from relaynet.errors import BadRequest, RelayError, safeReason
+from relaynet.errors import EndpointNotFound, RelayError, safeReason
+from relaynet.protocols.request import RelayHttpChannel, RelayRequest
 from relaynet.protocols.websocket import HybridConnectionFactory, HybridConnectionResource
 
 __all__ = ["FrontDoor", "RelaySite", "errorResponse"]
-
-MAX_HEADER_BYTES = 32 * 1024
-
 
 def errorResponse(request: Request, error: RelayError) -> bytes:
     """
@@ -45,48 +42,32 @@ class FrontDoor(Resource):
         self.putChild(b"$hc", HybridConnectionResource(websockets))
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return _HttpNotYet(self.relay)
+        # Requests to entities never get here: RelayRequest relays them.
+        return _NotFound()
 
 
-class _HttpNotYet(Resource):
-    """
-    HTTP requests to entities: this relay serves only WebSocket actions.
-    """
-
+class _NotFound(Resource):
     isLeaf = True
 
-    def __init__(self, relay: Relay) -> None:
-        super().__init__()
-        self.relay = relay
-
     def render(self, request: Request) -> bytes:
-        path = request.path.decode("latin-1")
-        try:
-            entity, _ = self.relay.namespace.resolve(path)
-        except RelayError as e:
-            return errorResponse(request, e)
-        return errorResponse(
-            request,
-            BadRequest(f"HTTP requests are not relayed to {entity.name}: connect with a WebSocket under /$hc/."),
-        )
-
-
-class _Channel(HTTPChannel):
-    totalHeadersSize = MAX_HEADER_BYTES
+        return errorResponse(request, EndpointNotFound("There is nothing here."))
 
 
 class RelaySite(Site):
     """
-    A site with room for the header block the wire contract allows.
+    The front door's site: requests to entities are relayed as they arrive
+    (L{RelayRequest}), the rest go to L{FrontDoor}.
     """
 
-    protocol = _Channel  # type: ignore[assignment]
+    protocol = RelayHttpChannel  # type: ignore[assignment]
+    requestFactory = RelayRequest
 
-    def __init__(self, resource: IResource, **kwargs: object) -> None:
+    def __init__(self, relay: Relay, resource: IResource, **kwargs: object) -> None:
         super().__init__(resource, **kwargs)  # type: ignore[arg-type]
+        self.relay = relay
         self.displayTracebacks = False
 
 
 def makeSite(relay: Relay) -> tuple[RelaySite, HybridConnectionFactory]:
     websockets = HybridConnectionFactory(relay)
-    return RelaySite(FrontDoor(relay, websockets), reactor=relay.clock), websockets
+    return RelaySite(relay, FrontDoor(relay, websockets), reactor=relay.clock), websockets

@@ -38,9 +38,10 @@ class IListenerChannel(Interface):
     listenerId = Attribute("The id the listener gave (C{sb-hc-id}) or one made for it.")
     rendezvousBase = Attribute("Scheme and authority of the relay as the listener reaches it, e.g. wss://relay:443.")
 
-    def sendCommand(command: dict[str, Any]) -> None:
+    def sendCommand(command: dict[str, Any], body: bytes | None = None) -> None:
         """
-        Send one JSON command (C{accept} or C{request}) to the listener.
+        Send one JSON command (C{accept} or C{request}) to the listener, and
+        C{body}, if given, as the binary message right after it.
         """
 
 
@@ -65,7 +66,7 @@ class IListenerRegistry(Interface):
         """
 
     def deliver(
-        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]]
+        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None = None
     ) -> Deferred[IListenerChannel]:
         """
         Send a command to one listener of C{entity}, chosen at random.
@@ -115,13 +116,13 @@ class MemoryRegistry:
         return True
 
     def deliver(
-        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]]
+        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None = None
     ) -> Deferred[IListenerChannel]:
         channels = self._listeners.get(entity.key)
         if not channels:
             return fail(NoListeners(f"There are no listeners connected for the endpoint. SystemTracker:{entity.name}"))
         channel = self._choose(channels)
-        channel.sendCommand(makeCommand(channel))
+        channel.sendCommand(makeCommand(channel), body)
         return succeed(channel)
 
     def listenerCount(self, entity: Entity) -> int:

@@ -25,6 +25,7 @@ DEFAULT_LISTEN = "tcp:9090:interface=127.0.0.1"
 # attribute of RelaySettings, type.
 _SETTINGS = [
     ("accept-timeout", "acceptTimeout", float, "Seconds a sender waits for a listener to accept"),
+    ("request-timeout", "requestTimeout", float, "Seconds a listener has to answer an HTTP request"),
     ("ping-interval", "pingInterval", float, "Seconds between pings on a listener's control channel"),
     ("ping-timeout", "pingTimeout", float, "Seconds without an answer to a ping before a listener is dropped"),
     ("token-grace", "tokenGrace", int, "Seconds a control channel outlives its token while it may renew it"),
@@ -194,13 +195,14 @@ def _ruleFromTable(table: dict[str, Any]) -> Rule:
 def _entityFromConfig(item: str | dict[str, Any]) -> Entity:
     if isinstance(item, str):
         return Entity(name=validEntityName(item))
-    unknown = set(item) - {"name", "max-listeners", "anonymous-senders", "rule"}
+    unknown = set(item) - {"name", "max-listeners", "anonymous-senders", "request-timeout", "rule"}
     if unknown:
         raise ValueError(f"unknown entity settings {sorted(unknown)}")
     return Entity(
         name=validEntityName(_required(item, "name", str)),
         maxListeners=_value(item, "max-listeners", int),
         anonymousSenders=_value(item, "anonymous-senders", bool, False),
+        requestTimeout=_value(item, "request-timeout", float),
         rules=tuple(_ruleFromTable(r) for r in _value(item, "rule", list, [])),
     )
 

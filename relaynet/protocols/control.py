@@ -68,6 +68,9 @@ class ControlChannel:
         self.listenerId = listenerId
         self.rendezvousBase = info.baseUrl
         self.registered = False
+        # HTTP requests sent on this channel and not yet answered, by id.
+        self.exchanges: dict[str, Any] = {}
+        self._bodyFor: Any = None
         self._token = token
         self._expiry: IDelayedCall | None = None
 
@@ -113,13 +116,23 @@ class ControlChannel:
         )
         self.proto.sendCloseFrame(code=code, reasonUtf8=closeReason(reason))
 
-    def sendCommand(self, command: dict[str, Any]) -> None:
+    def sendCommand(self, command: dict[str, Any], body: bytes | None = None) -> None:
+        # The command and its body go out together: listeners take the very
+        # next message as the body.
         self.proto.sendMessage(json.dumps(command, separators=(",", ":")).encode("utf-8"), isBinary=False)
+        if body is not None:
+            self.proto.sendMessage(body, isBinary=True)
 
     def messageReceived(self, payload: bytes, isBinary: bool) -> None:
+        exchange, self._bodyFor = self._bodyFor, None
         if isBinary:
-            # A stray body (hyco-https sends an empty one after body:false).
+            if exchange is not None:
+                exchange.controlBodyReceived(payload)
+            # Otherwise a stray body: hyco-https sends an empty one after
+            # body:false.
             return
+        if exchange is not None:
+            exchange.controlBodyReceived(b"")
         try:
             message = json.loads(payload)
         except ValueError:
@@ -127,9 +140,21 @@ class ControlChannel:
             return
         if isinstance(message, dict) and isinstance(message.get("renewToken"), dict):
             self._renew(message["renewToken"].get("token"))
+        elif isinstance(message, dict) and isinstance(message.get("response"), dict):
+            self._response(message["response"])
         else:
             kind = next(iter(message), None) if isinstance(message, dict) else type(message).__name__
             log.warn("listener {listener} sent an unknown command {kind!r}", listener=self.listenerId, kind=kind)
+
+    def _response(self, response: dict[str, Any]) -> None:
+        exchange = self.exchanges.get(str(response.get("requestId")))
+        if exchange is None:
+            # Answered already (or timed out), or a sender that left: its
+            # body, if any, is dropped as a stray.
+            log.debug("listener {listener} answered an unknown request", listener=self.listenerId)
+            return
+        if exchange.responseReceived(response, overLeg=False):
+            self._bodyFor = exchange
 
     def _renew(self, token: object) -> None:
         try:
@@ -148,6 +173,9 @@ class ControlChannel:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
+        exchanges, self.exchanges = self.exchanges, {}
+        for exchange in exchanges.values():
+            exchange.listenerLost()
         if self.registered:
             self.registered = False
             self.relay.listenerLeft(self.entity, self)

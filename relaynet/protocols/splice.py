@@ -23,14 +23,14 @@ from zope.interface import implementer
 if TYPE_CHECKING:
     from relaynet.protocols.websocket import HybridConnectionProtocol
 
-__all__ = ["Leg", "splice"]
+__all__ = ["Leg", "ReadSide", "splice"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSING = WebSocketProtocol.STATE_CLOSING
 
 
 @implementer(IPushProducer)
-class _ReadSide:
+class ReadSide:
     """
     The reading half of a transport, as a producer for the other side: it
     pauses and resumes reading, and leaves closing to the splice.
@@ -136,5 +136,5 @@ def splice(a: Leg, b: Leg) -> None:
     a.partner, b.partner = b, a
     ta: Any = a.proto.transport
     tb: Any = b.proto.transport
-    ta.registerProducer(_ReadSide(tb), True)
-    tb.registerProducer(_ReadSide(ta), True)
+    ta.registerProducer(ReadSide(tb), True)
+    tb.registerProducer(ReadSide(ta), True)

@@ -92,7 +92,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
 
     factory: HybridConnectionFactory
     info: HandshakeInfo
-    role: ControlChannel | Leg | None = None
+    role: Any = None
     _pendingId: str | None = None
     _pendingSender: PendingSender | None = None
 
@@ -112,6 +112,8 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
                 return await self._sender(request)
             if action == "accept":
                 return self._accept(request)
+            if action == "request":
+                return self._request()
             raise BadRequest(f"Unsupported action '{action}'.")
         except RelayError as e:
             log.info(
@@ -241,8 +243,22 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         self._pendingSender = pending
         return request.protocols[0] if request.protocols else None
 
+    def _request(self) -> None:
+        from relaynet.protocols.request import RequestLeg
+
+        rendezvousId = self.info.query.get("sb-hc-id", "")
+        exchange = self.relay.exchanges.get(rendezvousId)
+        if exchange is None or exchange.leg is not None:
+            raise ListenerTimeout(f"Unknown request id {rendezvousId!r}: it was answered, or timed out.")
+        self.role = RequestLeg(self, exchange)
+        return None
+
     def onOpen(self) -> None:
-        if isinstance(self.role, ControlChannel):
+        from relaynet.protocols.request import RequestLeg
+
+        if isinstance(self.role, RequestLeg):
+            self.role.exchange.legOpened(self)
+        elif isinstance(self.role, ControlChannel):
             self.role.opened()
         elif self._pendingSender is not None and isinstance(self.role, Leg):
             # The listener is at the rendezvous: open the sender, and join
@@ -262,36 +278,43 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         if isinstance(self.role, ControlChannel):
             self.role.messageReceived(payload, isBinary)
 
+    def _streams(self) -> bool:
+        """
+        Whether this socket's frames stream through (a leg or a request
+        rendezvous) rather than arrive as whole messages (a control channel).
+        """
+        return self.role is not None and not isinstance(self.role, ControlChannel)
+
     def onMessageBegin(self, isBinary: bool) -> None:
-        if isinstance(self.role, Leg):
+        if self._streams():
             self.role.messageBegin(isBinary)
         else:
             super().onMessageBegin(isBinary)
 
     def onMessageFrameBegin(self, length: int) -> None:
-        if isinstance(self.role, Leg):
+        if self._streams():
             self.role.frameBegin(length)
         else:
             super().onMessageFrameBegin(length)
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        if isinstance(self.role, Leg):
+        if self._streams():
             self.role.frameData(payload)
         else:
             super().onMessageFrameData(payload)
 
     def onMessageFrameEnd(self) -> None:
-        if not isinstance(self.role, Leg):
+        if not self._streams():
             super().onMessageFrameEnd()
 
     def onMessageEnd(self) -> None:
-        if isinstance(self.role, Leg):
+        if self._streams():
             self.role.messageEnd()
         else:
             super().onMessageEnd()
 
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
-        if isinstance(self.role, Leg) and self.role.closeFrame(code, reasonRaw):
+        if self._streams() and self.role.closeFrame(code, reasonRaw):
             return None
         if isinstance(self.role, ControlChannel):
             self.role.lost()

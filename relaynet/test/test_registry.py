@@ -31,9 +31,11 @@ class _Channel:
     def __init__(self, listenerId: str) -> None:
         self.listenerId = listenerId
         self.sent: list[dict[str, Any]] = []
+        self.bodies: list[bytes | None] = []
 
-    def sendCommand(self, command: dict[str, Any]) -> None:
+    def sendCommand(self, command: dict[str, Any], body: bytes | None = None) -> None:
         self.sent.append(command)
+        self.bodies.append(body)
 
 
 class MemoryRegistryTests(SynchronousTestCase):
@@ -116,6 +118,16 @@ class MemoryRegistryTests(SynchronousTestCase):
         self.assertEqual(offered, [[a, b]])
         self.assertEqual(b.sent, [{"accept": {"for": "b"}}])
         self.assertEqual(a.sent, [])
+
+    def test_deliverWithBody(self) -> None:
+        """
+        A body given to deliver goes with the command to the same listener.
+        """
+        registry, entity = MemoryRegistry(), Entity(name="hyco")
+        channel = _Channel("a")
+        registry.register(entity, channel)
+        self.successResultOf(registry.deliver(entity, lambda c: {"request": {}}, b"payload"))
+        self.assertEqual((channel.sent, channel.bodies), ([{"request": {}}], [b"payload"]))
 
 
 class RendezvousTableTests(SynchronousTestCase):

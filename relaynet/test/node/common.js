@@ -56,12 +56,17 @@ function usageError(usage, message) {
   process.exit(EXIT_USAGE);
 }
 
-// spec: { 'option-name': { type: 'string' | 'int' | 'number' | 'flag', default } }
+// spec: { 'option-name': { type: 'string' | 'int' | 'number' | 'flag' | 'list' | 'custom', default } }
+// 'list' options may be repeated; their value is the array of all values given (default: []).
 // Returns an object keyed by camelCased option names. Unknown options are usage errors.
 function parseArgs(argv, spec, usage) {
   const result = {};
+  const listsSeen = new Set();
   for (const [name, def] of Object.entries(spec)) {
-    result[camel(name)] = def.default !== undefined ? def.default : (def.type === 'flag' ? false : undefined);
+    let initial = def.default;
+    if (initial === undefined && def.type === 'flag') initial = false;
+    if (initial === undefined && def.type === 'list') initial = [];
+    result[camel(name)] = initial;
   }
   for (let i = 0; i < argv.length; i += 1) {
     let arg = argv[i];
@@ -97,6 +102,10 @@ function parseArgs(argv, spec, usage) {
       const n = Number(value);
       if (value === '' || !Number.isFinite(n)) usageError(usage, arg + ' needs a number, got ' + JSON.stringify(value));
       value = n;
+    } else if (def.type === 'list') {
+      // Repeatable option: the first occurrence replaces the default, later ones append.
+      value = listsSeen.has(name) ? result[camel(name)].concat([value]) : [value];
+      listsSeen.add(name);
     } else if (def.type === 'custom') {
       // def.parse(value, nextArgs) -> { value, consumed }
       const parsed = def.parse(value, argv.slice(i + 1));
@@ -170,11 +179,12 @@ function startDeadline(seconds, onDeadline) {
   return timer;
 }
 
-// "unexpected server response (401)" -> 401 (ws 1.1.x and ws 6.x wording).
+// "unexpected server response (401)" (ws 1.1.x) or "Unexpected server response: 401" (ws 6.x,
+// used by hyco-https) -> 401.
 function statusFromError(err) {
   const text = err && (err.message || String(err));
-  const m = /unexpected server response \((\d{3})\)/i.exec(text || '');
-  return m ? parseInt(m[1], 10) : null;
+  const m = /unexpected server response(?: \((\d{3})\)|: (\d{3}))/i.exec(text || '');
+  return m ? parseInt(m[1] || m[2], 10) : null;
 }
 
 function errorText(err) {

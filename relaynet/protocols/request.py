@@ -1,0 +1,610 @@
+# -*- test-case-name: relaynet.test.test_request -*-
+"""
+Request/response relaying: a sender's HTTP request to C{/{entity}/...}
+goes to one listener as a C{request} command, and the listener's
+C{response} comes back to the sender.
+
+Small requests (a body of at most 64 KiB) travel on the listener's control
+channel, with the body as the next binary message.  Larger or chunked ones
+travel over a rendezvous WebSocket the listener opens to the request's
+address, where the relay streams the body as it arrives.  Responses come back
+the same ways: whole on the control channel, or streamed over a rendezvous.
+Nothing is held whole: each side stops reading while the other cannot keep up.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote
+from xml.sax.saxutils import escape
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
+
+from relaynet.auth import Rights
+from relaynet.core import HandshakeInfo, Relay
+from relaynet.entities import Entity
+from relaynet.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    MethodNotAllowed,
+    NoListeners,
+    RelayError,
+    safeReason,
+)
+from relaynet.protocols.splice import ReadSide
+from relaynet.registry import IListenerChannel, newConnectionId
+
+if TYPE_CHECKING:
+    from relaynet.protocols.websocket import HybridConnectionProtocol
+
+__all__ = ["HttpExchange", "RelayHttpChannel", "RelayRequest", "errorBody"]
+
+log = Logger()
+
+CONTROL_BODY_LIMIT = 65536
+MAX_HEADER_BYTES = 32 * 1024
+# Hop-by-hop headers (RFC 9110 7.6.1) and the relay's own credential.
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "close",
+    "content-length",
+    "servicebusauthorization",
+}
+_NO_BODY = {204, 304}
+SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
+
+
+def soapVersion(request: Request) -> str | None:
+    """
+    C{"1.1"} or C{"1.2"} for a SOAP caller, else C{None}.
+    """
+    contentType = (request.getHeader("content-type") or "").lower()
+    if contentType.startswith("application/soap+xml"):
+        return "1.2"
+    if contentType.startswith("text/xml") and request.getHeader("soapaction") is not None:
+        return "1.1"
+    return None
+
+
+def errorBody(request: Request, error: RelayError) -> tuple[str, bytes]:
+    """
+    The content type and body of a relay-made error, in the caller's
+    dialect: a SOAP 1.1 or 1.2 fault for SOAP callers, JSON for the rest.
+    """
+    version = soapVersion(request)
+    message = escape(error.reason)
+    code = escape(error.code)
+    if version == "1.1":
+        who = "s:Client" if error.status < 500 else "s:Server"
+        return "text/xml; charset=utf-8", (
+            f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{SOAP11}"><s:Body><s:Fault>'
+            f'<faultcode>{who}</faultcode><faultstring xml:lang="en">{message}</faultstring>'
+            f'<detail><RelayError xmlns="urn:relaynet"><Code>{code}</Code><Status>{error.status}</Status>'
+            "</RelayError></detail></s:Fault></s:Body></s:Envelope>"
+        ).encode("utf-8")
+    if version == "1.2":
+        who = "env:Sender" if error.status < 500 else "env:Receiver"
+        return "application/soap+xml; charset=utf-8", (
+            f'<?xml version="1.0" encoding="utf-8"?><env:Envelope xmlns:env="{SOAP12}"><env:Body><env:Fault>'
+            f"<env:Code><env:Value>{who}</env:Value></env:Code>"
+            f'<env:Reason><env:Text xml:lang="en">{message}</env:Text></env:Reason>'
+            f'<env:Detail><RelayError xmlns="urn:relaynet"><Code>{code}</Code><Status>{error.status}</Status>'
+            "</RelayError></env:Detail></env:Fault></env:Body></env:Envelope>"
+        ).encode("utf-8")
+    return "application/json", json.dumps({"error": {"code": error.code, "message": error.reason}}).encode("utf-8")
+
+
+def respondWithError(request: Request, error: RelayError) -> None:
+    """
+    Answer C{request} with C{error} (no C{Via}: the relay made it).
+    """
+    contentType, body = errorBody(request, error)
+    request.setResponseCode(error.status, safeReason(error.reason).encode("ascii"))
+    request.setHeader("content-type", contentType)
+    request.setHeader("content-length", str(len(body)))
+    request.write(body)
+    request.finish()
+
+
+class RelayHttpChannel(HTTPChannel):
+    """
+    An HTTP channel that tells each request its request line as soon as it
+    is read, so that relayed requests can start before their body arrives.
+    """
+
+    totalHeadersSize = MAX_HEADER_BYTES
+
+    def lineReceived(self, line: bytes) -> None:
+        before = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > before and isinstance(self.requests[-1], RelayRequest):
+            parts = line.split(b" ")
+            if len(parts) == 3:
+                self.requests[-1].requestLine(parts[0], parts[1], parts[2])
+
+
+class RelayRequest(Request):
+    """
+    A request to the front door; one addressed to an entity is relayed by
+    an L{HttpExchange} as it arrives.
+    """
+
+    exchange: HttpExchange | None = None
+
+    def requestLine(self, method: bytes, uri: bytes, version: bytes) -> None:
+        path = uri.split(b"?", 1)[0]
+        if path.startswith(b"/$") or path == b"/":
+            return
+        # Known now, so that a response may start before the body has come.
+        self.method, self.uri, self.clientproto, self.path = method, uri, version, path
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        relay: Relay = self.site.relay  # type: ignore[union-attr]
+        self.exchange = HttpExchange(relay, self, method.decode("latin-1"), uri.decode("latin-1"))
+
+    def gotLength(self, length: int | None) -> None:
+        if self.exchange is None:
+            super().gotLength(length)
+        else:
+            self.exchange.headersReceived(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.exchange is None:
+            super().handleContentChunk(data)
+        else:
+            self.exchange.bodyReceived(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.exchange is None:
+            super().requestReceived(command, path, version)
+            return
+        self.exchange.requestEnded()
+
+
+class HttpExchange:
+    """
+    One sender's request on its way to a listener, and the response on its
+    way back.
+
+    @ivar rendezvousId: the id in the request's address; the listener opens
+        a rendezvous with it to read a large request or send a large
+        response.
+    """
+
+    error: RelayError | None = None
+    channel: IListenerChannel | None = None
+    leg: HybridConnectionProtocol | None = None
+    responding = False
+    finished = False
+    overRendezvous = False
+    _deadline: IDelayedCall | None = None
+
+    def __init__(self, relay: Relay, request: RelayRequest, method: str, uri: str) -> None:
+        self.relay = relay
+        self.request = request
+        self.method = method
+        self.uri = uri
+        self.rendezvousId = newConnectionId(None)
+        self._body: list[bytes] = []
+        self._bodySize = 0
+        self._bodyEnded = False
+        self._expectedBody: int | None = 0
+        self.entity: Entity | None = None
+        self.suffix = ""
+        self._credentialHeader: str | None = None
+        request.notifyFinish().addErrback(lambda _: self._senderGone())
+
+    # The sender's side.
+
+    def headersReceived(self, length: int | None) -> None:
+        self._expectedBody = length
+        try:
+            self._check()
+        except RelayError as e:
+            if length == 0:
+                self.error = e  # answered at once, by requestEnded
+            else:
+                self._fail(e)
+            return
+        if length is None or length > CONTROL_BODY_LIMIT:
+            # Too large to carry on the control channel: the listener comes
+            # to a rendezvous for it, and the body streams there.
+            self.overRendezvous = True
+            self._pauseSender()
+            self._deliver({"request": {"address": self._address(), "id": self.rendezvousId}}, None)
+
+    def _check(self) -> None:
+        if self.method.upper() == "CONNECT":
+            raise MethodNotAllowed("CONNECT is not relayed.")
+        if "websocket" in (self.request.getHeader("upgrade") or "").lower():
+            raise BadRequest("HTTP relaying does not upgrade connections: WebSocket senders connect under /$hc/.")
+        path, _, query = self.uri.partition("?")
+        from urllib.parse import unquote
+
+        self.entity, self.suffix = self.relay.namespace.resolve(unquote(path))
+        self.relay.authorize(self._handshakeInfo(), self.entity, Rights.SEND, token=self._token())
+
+    def _token(self) -> str | None:
+        query = dict(reversed(parse_qsl(self.uri.partition("?")[2], keep_blank_values=True)))
+        token = self.request.getHeader("servicebusauthorization") or query.get("sb-hc-token")
+        if token is None:
+            authorization = self.request.getHeader("authorization") or ""
+            if authorization.startswith("SharedAccessSignature "):
+                self._credentialHeader = "authorization"
+                token = authorization
+        return token
+
+    def _handshakeInfo(self) -> HandshakeInfo:
+        peer = self.request.getClientAddress()
+        return HandshakeInfo(
+            host=self.request.getHeader("host") or "",
+            secure=self.request.isSecure(),
+            path=self.uri,
+            rawQuery="",
+            headers=[],
+            query={},
+            peerHost=getattr(peer, "host", ""),
+            peerPort=getattr(peer, "port", 0),
+        )
+
+    def bodyReceived(self, data: bytes) -> None:
+        if self.error is not None or self.finished:
+            return
+        if self.leg is not None and self.leg.state == self.leg.STATE_OPEN:
+            self.leg.beginMessageFrame(len(data))
+            self.leg.sendMessageFrameData(data)
+            return
+        self._bodySize += len(data)
+        self._body.append(data)
+
+    def requestEnded(self) -> None:
+        self._bodyEnded = True
+        if self.finished:
+            return
+        if self.error is not None:
+            self._fail(self.error)
+            return
+        if self.overRendezvous:
+            if self.leg is not None and self.leg.state == self.leg.STATE_OPEN:
+                self.leg.endMessage()
+            return
+        body = b"".join(self._body) if self._expectedBody else None
+        self._body = []
+        self._deliver(self._fullRequest(body is not None), body)
+
+    def _senderTransport(self) -> Any:
+        return self.request.channel.transport
+
+    def _pauseSender(self) -> None:
+        transport = self._senderTransport()
+        if transport is not None:
+            transport.pauseProducing()
+
+    def _resumeSender(self) -> None:
+        transport = self._senderTransport()
+        if transport is not None:
+            transport.resumeProducing()
+
+    # Toward the listener.
+
+    def _address(self, channel: IListenerChannel | None = None) -> str:
+        assert self.entity is not None
+        path, _, query = self.uri.partition("?")
+        from relaynet.protocols.websocket import stripRelayParameters
+
+        query = stripRelayParameters(query)
+        base = channel.rendezvousBase if channel is not None else "{base}"
+        return (
+            f"{base}/$hc/{quote(self.entity.name + self.suffix, safe='/;:@&=+$,!~*()-._')}?"
+            f"{query + '&' if query else ''}sb-hc-action=request&sb-hc-id={self.rendezvousId}"
+        )
+
+    def _fullRequest(self, hasBody: bool) -> dict[str, Any]:
+        from relaynet.protocols.websocket import stripRelayParameters
+
+        path, _, query = self.uri.partition("?")
+        query = stripRelayParameters(query)
+        peer = self.request.getClientAddress()
+        return {
+            "request": {
+                "address": self._address(),
+                "id": self.rendezvousId,
+                "requestTarget": path + ("?" + query if query else ""),
+                "method": self.method,
+                "requestHeaders": self._requestHeaders(),
+                "remoteEndpoint": {"address": getattr(peer, "host", ""), "port": getattr(peer, "port", 0)},
+                "body": hasBody,
+            }
+        }
+
+    def _requestHeaders(self) -> dict[str, str]:
+        named = {t.strip().lower() for v in self.request.requestHeaders.getRawHeaders("connection", []) for t in v.split(",")}
+        dropped = _HOP_BY_HOP | named | ({self._credentialHeader} if self._credentialHeader else set())
+        headers: dict[str, str] = {}
+        for rawName, rawValues in self.request.requestHeaders.getAllRawHeaders():
+            name = rawName.decode("latin-1")
+            if name.lower() in dropped:
+                continue
+            separator = "; " if name.lower() == "cookie" else ", "
+            headers[name] = separator.join(v.decode("latin-1") for v in rawValues)
+        via = f"1.1 {self._hostname()}"
+        headers["Via"] = f"{headers['Via']}, {via}" if "Via" in headers else via
+        return headers
+
+    def _hostname(self) -> str:
+        return self._handshakeInfo().hostname or "relaynet"
+
+    def _deliver(self, command: dict[str, Any], body: bytes | None) -> None:
+        assert self.entity is not None
+        address = command["request"]["address"]
+
+        def makeCommand(channel: IListenerChannel) -> dict[str, Any]:
+            command["request"]["address"] = address.replace("{base}", channel.rendezvousBase, 1)
+            return command
+
+        self.relay.exchanges[self.rendezvousId] = self
+        timeout = self.entity.requestTimeout or self.relay.settings.requestTimeout
+        self._deadline = self.relay.clock.callLater(timeout, self._timedOut)
+        d = self.relay.registry.deliver(self.entity, makeCommand, body)
+        d.addCallbacks(self._delivered, self._notDelivered)
+
+    def _delivered(self, channel: IListenerChannel) -> None:
+        self.channel = channel
+        channel.exchanges[self.rendezvousId] = self  # type: ignore[attr-defined]
+
+    def _notDelivered(self, failure: Any) -> None:
+        error = failure.value
+        if isinstance(error, NoListeners):
+            error = BadGateway(error.reason)
+        elif not isinstance(error, RelayError):
+            log.failure("cannot deliver a request", failure)
+            error = RelayError("Internal server error.")
+        self._fail(error)
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        self._fail(
+            GatewayTimeout(
+                "The request was routed to the listener but the listener did not respond in the required time. "
+                f"TrackingId:{self.rendezvousId}"
+            )
+        )
+
+    # The rendezvous.
+
+    def legOpened(self, leg: HybridConnectionProtocol) -> None:
+        """
+        The listener opened the request's rendezvous: send it the request
+        (if it came for that) and take the response from it.
+        """
+        self.leg = leg
+        assert leg.transport is not None
+        if self.overRendezvous:
+            leg.sendMessage(json.dumps(self._fullRequest(True), separators=(",", ":")).encode(), isBinary=False)
+            leg.beginMessage(isBinary=True)
+            for chunk in self._body:
+                leg.beginMessageFrame(len(chunk))
+                leg.sendMessageFrameData(chunk)
+            self._body = []
+            if self._bodyEnded:
+                leg.endMessage()
+            legTransport: Any = leg.transport
+            legTransport.registerProducer(ReadSide(self._senderTransport()), True)
+            self._resumeSender()
+
+    def legLost(self) -> None:
+        self.leg = None
+        if not self.finished:
+            if self.responding:
+                self._abort()
+            else:
+                self._fail(BadGateway("The listener left the request's rendezvous without answering."))
+
+    # The listener's response.
+
+    def responseReceived(self, response: dict[str, Any], overLeg: bool) -> bool:
+        """
+        The listener's C{response}: start answering the sender.
+
+        @return: whether a body follows.
+        """
+        if self.responding or self.finished:
+            return False
+        try:
+            code = int(response.get("statusCode"))  # type: ignore[arg-type]
+            if not 100 <= code <= 999 or code == 101:
+                raise ValueError(code)
+        except (TypeError, ValueError):
+            self._fail(BadGateway("The listener's response has no valid statusCode."))
+            return bool(response.get("body"))
+        self._cancelDeadline()
+        self.responding = True
+        request = self.request
+        description = response.get("statusDescription") or http.RESPONSES.get(code, b"").decode("latin-1")
+        request.setResponseCode(code, safeReason(str(description)).encode("latin-1"))
+        headers = response.get("responseHeaders")
+        keepLength = self.method.upper() == "HEAD" or code in _NO_BODY
+        for name, value in (headers.items() if isinstance(headers, dict) else []):
+            lower = str(name).lower()
+            if lower in _HOP_BY_HOP and not (keepLength and lower == "content-length"):
+                continue
+            if isinstance(value, list):
+                value = ", ".join(str(v) for v in value)
+            request.responseHeaders.setRawHeaders(str(name), [safeReason(str(value), 8192)])
+        request.responseHeaders.addRawHeader("Via", f"1.1 {self._hostname()}")
+        hasBody = bool(response.get("body"))
+        if overLeg and hasBody:
+            assert self.leg is not None and self.leg.transport is not None
+            request.registerProducer(ReadSide(self.leg.transport), True)
+        elif not hasBody:
+            self._finish()
+        return hasBody
+
+    def controlBodyReceived(self, body: bytes) -> None:
+        """
+        The body of a response sent on the control channel, whole.
+        """
+        if self.finished:
+            return
+        if self.method.upper() != "HEAD" and self.request.code not in _NO_BODY:
+            self.request.setHeader("content-length", str(len(body)))
+            self.request.write(body)
+        self._finish()
+
+    def responseData(self, data: bytes) -> None:
+        if not self.finished and self.method.upper() != "HEAD":
+            self.request.write(data)
+
+    def responseEnded(self) -> None:
+        if self.finished:
+            return
+        self.request.unregisterProducer()
+        self._finish()
+
+    def listenerLost(self) -> None:
+        """
+        The control channel the request went to is gone.
+        """
+        if not self.finished and not self.responding and self.leg is None:
+            self._fail(BadGateway("The listener went away before it answered."))
+
+    # Endings.
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._cleanUp()
+        if not self._bodyEnded:
+            # The listener answered without reading the whole body.
+            self.request.channel.persistent = False
+        self.request.finish()
+        if self.leg is not None:
+            self.leg.sendCloseFrame(code=1000)
+
+    def _fail(self, error: RelayError) -> None:
+        if self.finished:
+            return
+        self.error = error
+        self.finished = True
+        self._cleanUp()
+        log.info("{method} {uri}: {error}", method=self.method, uri=self.uri.partition("?")[0], error=str(error))
+        if self.leg is not None:
+            self.leg.sendCloseFrame(code=1011, reasonUtf8=b"The request failed.")
+        if self._bodyEnded:
+            respondWithError(self.request, error)
+        else:
+            # Answer now rather than read a body nobody will take, and end
+            # the connection after the answer; not from inside the HTTP
+            # channel's own header processing, though.
+            self.request.channel.persistent = False
+            self.relay.clock.callLater(0, respondWithError, self.request, error)
+
+    def _abort(self) -> None:
+        """
+        The response broke off: end the sender's connection so that it can
+        tell, rather than finish the response short.
+        """
+        self.finished = True
+        self._cleanUp()
+        transport = self._senderTransport()
+        if transport is not None:
+            transport.abortConnection()
+
+    def _senderGone(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._cleanUp()
+            if self.leg is not None:
+                self.leg.sendCloseFrame(code=1001, reasonUtf8=b"The sender went away.")
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _cleanUp(self) -> None:
+        self._cancelDeadline()
+        self._body = []
+        if self.leg is not None and self.leg.transport is not None:
+            # Whatever paused it, the rendezvous must read its close.
+            transport: Any = self.leg.transport
+            transport.unregisterProducer()
+            transport.resumeProducing()
+        if self.relay.exchanges.get(self.rendezvousId) is self:
+            del self.relay.exchanges[self.rendezvousId]
+        if self.channel is not None:
+            self.channel.exchanges.pop(self.rendezvousId, None)  # type: ignore[attr-defined]
+
+
+class RequestLeg:
+    """
+    The rendezvous of one HTTP request: the relay sends the request here if
+    it was too large for the control channel, and the listener sends its
+    response: a C{response} text message, then the body as one binary
+    message, which streams to the sender frame by frame.
+    """
+
+    def __init__(self, proto: HybridConnectionProtocol, exchange: HttpExchange) -> None:
+        self.proto = proto
+        self.exchange = exchange
+        self._text: list[bytes] | None = None
+        self._textSize = 0
+        self._expectBody = False
+        self._done = False
+
+    def messageBegin(self, isBinary: bool) -> None:
+        self._text = None if isBinary else []
+        self._textSize = 0
+
+    def frameBegin(self, length: int) -> None:
+        pass
+
+    def frameData(self, payload: bytes) -> None:
+        if self._text is not None:
+            self._textSize += len(payload)
+            if self._textSize > CONTROL_BODY_LIMIT:
+                self.proto.sendCloseFrame(code=1009, reasonUtf8=b"The response message is too large.")
+                self._text = None
+                return
+            self._text.append(payload)
+        elif self._expectBody:
+            self.exchange.responseData(payload)
+
+    def messageEnd(self) -> None:
+        if self._text is not None:
+            self._responseText(b"".join(self._text))
+            self._text = None
+        elif self._expectBody:
+            self._expectBody = False
+            self._done = True
+            self.exchange.responseEnded()
+
+    def _responseText(self, payload: bytes) -> None:
+        try:
+            message = json.loads(payload)
+            response = message["response"]
+            if not isinstance(response, dict):
+                raise TypeError(response)
+        except (ValueError, KeyError, TypeError):
+            log.warn("a rendezvous sent something other than a response")
+            return
+        self._expectBody = self.exchange.responseReceived(response, overLeg=True)
+        self._done = not self._expectBody
+
+    def closeFrame(self, code: int | None, reason: bytes | None) -> bool:
+        return False
+
+    def lost(self) -> None:
+        if self.exchange.leg is self.proto:
+            self.exchange.legLost()
