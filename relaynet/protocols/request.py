@@ -198,7 +198,6 @@ class HttpExchange:
         self.uri = uri
         self.rendezvousId = newConnectionId(None)
         self._body: list[bytes] = []
-        self._bodySize = 0
         self._bodyEnded = False
         self._expectedBody: int | None = 0
         self.entity: Entity | None = None
@@ -266,7 +265,6 @@ class HttpExchange:
             self.leg.beginMessageFrame(len(data))
             self.leg.sendMessageFrameData(data)
             return
-        self._bodySize += len(data)
         self._body.append(data)
 
     def requestEnded(self) -> None:
@@ -355,8 +353,7 @@ class HttpExchange:
             return command
 
         self.relay.exchanges[self.rendezvousId] = self
-        timeout = self.entity.requestTimeout or self.relay.settings.requestTimeout
-        self._deadline = self.relay.clock.callLater(timeout, self._timedOut)
+        self._deadline = self.relay.clock.callLater(self._timeout(), self._timedOut)
         d = self.relay.registry.deliver(self.entity, makeCommand, body)
         d.addCallbacks(self._delivered, self._notDelivered)
 
@@ -448,6 +445,7 @@ class HttpExchange:
         if overLeg and hasBody:
             assert self.leg is not None and self.leg.transport is not None
             request.registerProducer(ReadSide(self.leg.transport), True)
+            self._bodyProgressed()
         elif not hasBody:
             self._finish()
         return hasBody
@@ -464,8 +462,28 @@ class HttpExchange:
         self._finish()
 
     def responseData(self, data: bytes) -> None:
-        if not self.finished and self.method.upper() != "HEAD":
+        if self.finished:
+            return
+        self._bodyProgressed()
+        if self.method.upper() != "HEAD":
             self.request.write(data)
+
+    def _bodyProgressed(self) -> None:
+        """
+        A streamed response body moved: it may now pause for another
+        request timeout, and no longer.
+        """
+        self._cancelDeadline()
+        self._deadline = self.relay.clock.callLater(self._timeout(), self._stalled)
+
+    def _stalled(self) -> None:
+        self._deadline = None
+        log.info("{method} {uri}: the response body stalled", method=self.method, uri=self.uri.partition("?")[0])
+        self._abort()
+
+    def _timeout(self) -> float:
+        assert self.entity is not None
+        return self.entity.requestTimeout or self.relay.settings.requestTimeout
 
     def responseEnded(self) -> None:
         if self.finished:
@@ -517,6 +535,8 @@ class HttpExchange:
         """
         self.finished = True
         self._cleanUp()
+        if self.leg is not None:
+            self.leg.sendCloseFrame(code=1011, reasonUtf8=b"The response broke off.")
         transport = self._senderTransport()
         if transport is not None:
             transport.abortConnection()

@@ -313,3 +313,58 @@ class HttpRelayTests(TestCase):
             b"GET /hyco/x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         )
         self.assertEqual(status, 400)
+
+
+class HttpEndingsTests(TestCase):
+    """
+    Requests that end badly free what they held.
+    """
+
+    timeout = 30
+
+    async def test_senderGoesAway(self) -> None:
+        from relaynet.test.support import rawRequest
+
+        relay = RelayFixture(self, ["--entity", "hyco", "--anonymous-senders", "hyco"])
+        listener = relay.connect(relay.url("hyco", "listen", relay.token("hyco")), protocolClass=HttpListener)
+        listener.handler = lambda r, b: None
+        listener.fixture = relay
+        await listener.opened
+        status, _, _ = await rawRequest(
+            relay.port, b"GET /hyco/wait HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=0.3
+        )
+        self.assertEqual(status, 0)
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(relay.relay.exchanges, {})
+        channel = next(p.role for p in relay.service.websockets.connections if p.role is not None)
+        self.assertEqual(channel.exchanges, {})
+
+    async def test_stalledBody(self) -> None:
+        """
+        A response body that stops moving for the request timeout ends the
+        sender's connection: the sender can tell it is short.
+        """
+        relay = RelayFixture(self, ["--entity", "hyco", "--anonymous-senders", "hyco", "--request-timeout", "0.5"])
+
+        class Staller(HttpListener):
+            def answer(self, request: dict[str, Any], body: bytes, rendezvous: Client | None) -> None:
+                leg = self.fixture.connect(request["address"])
+
+                def send(leg: Client) -> None:
+                    response = {"response": {"requestId": request["id"], "statusCode": 200, "body": True}}
+                    leg.sendMessage(json.dumps(response).encode(), isBinary=False)
+                    leg.beginMessage(isBinary=True)
+                    leg.sendMessageFrame(b"partial")
+
+                leg.opened.addCallback(send)
+
+        listener = relay.connect(relay.url("hyco", "listen", relay.token("hyco")), protocolClass=Staller)
+        listener.fixture = relay
+        await listener.opened
+        response = await Agent(reactor).request(b"GET", f"http://{relay.host}/hyco/x".encode())
+        self.assertEqual(response.code, 200)
+        from twisted.web.client import ResponseFailed, PartialDownloadError
+
+        with self.assertRaises((ResponseFailed, PartialDownloadError)):
+            await readBody(response)
+        self.assertEqual(relay.relay.exchanges, {})
