@@ -330,6 +330,10 @@ class HttpExchange:
     def _requestHeaders(self) -> dict[str, str]:
         named = {t.strip().lower() for v in self.request.requestHeaders.getRawHeaders("connection", []) for t in v.split(",")}
         dropped = _HOP_BY_HOP | named | ({self._credentialHeader} if self._credentialHeader else set())
+        if self._expectedBody:
+            # Not in the wire contract, but apps on hyco-https (Express's
+            # body parsers) only read a body whose length is announced.
+            dropped = dropped - {"content-length"}
         headers: dict[str, str] = {}
         for rawName, rawValues in self.request.requestHeaders.getAllRawHeaders():
             name = rawName.decode("latin-1")
@@ -421,10 +425,11 @@ class HttpExchange:
             return False
         try:
             code = int(response.get("statusCode"))  # type: ignore[arg-type]
-            if not 100 <= code <= 999 or code == 101:
+            if not 200 <= code <= 999:
+                # 1xx cannot end an HTTP exchange.
                 raise ValueError(code)
         except (TypeError, ValueError):
-            self._fail(BadGateway("The listener's response has no valid statusCode."))
+            self._fail(BadGateway("The listener's response has no valid final statusCode (200 to 999)."))
             return bool(response.get("body"))
         self._cancelDeadline()
         self.responding = True
