@@ -122,7 +122,10 @@ class MemoryRegistry:
         if not channels:
             return fail(NoListeners(f"There are no listeners connected for the endpoint. SystemTracker:{entity.name}"))
         channel = self._choose(channels)
-        channel.sendCommand(makeCommand(channel), body)
+        try:
+            channel.sendCommand(makeCommand(channel), body)
+        except Exception as e:
+            return fail(e)
         return succeed(channel)
 
     def listenerCount(self, entity: Entity) -> int:

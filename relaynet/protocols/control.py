@@ -20,18 +20,25 @@ from zope.interface import implementer
 from relaynet.auth import Rights, SasToken
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.entities import Entity
-from relaynet.errors import RelayError
+from relaynet.errors import BadRequest, RelayError
 from relaynet.registry import IListenerChannel
 
 if TYPE_CHECKING:
     from relaynet.protocols.websocket import HybridConnectionProtocol
 
-__all__ = ["ControlChannel", "closeReason"]
+__all__ = ["ControlChannel", "closeReason", "encodeCommand"]
 
 log = Logger()
 
 POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
+
+
+def encodeCommand(command: dict[str, Any]) -> bytes:
+    """
+    A command as the UTF-8 JSON text the control channel carries.
+    """
+    return json.dumps(command, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def closeReason(text: str) -> bytes:
@@ -117,9 +124,13 @@ class ControlChannel:
         self.proto.sendCloseFrame(code=code, reasonUtf8=closeReason(reason))
 
     def sendCommand(self, command: dict[str, Any], body: bytes | None = None) -> None:
+        encoded = encodeCommand(command)
+        limit = self.relay.settings.maxControlMessage
+        if len(encoded) > limit or (body is not None and len(body) > limit):
+            raise BadRequest(f"The request is too large for the listener's control channel ({limit} bytes).")
         # The command and its body go out together: listeners take the very
         # next message as the body.
-        self.proto.sendMessage(json.dumps(command, separators=(",", ":")).encode("utf-8"), isBinary=False)
+        self.proto.sendMessage(encoded, isBinary=False)
         if body is not None:
             self.proto.sendMessage(body, isBinary=True)
 

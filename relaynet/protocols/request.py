@@ -15,6 +15,7 @@ Nothing is held whole: each side stops reading while the other cannot keep up.
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote
 from xml.sax.saxutils import escape
@@ -23,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from relaynet.auth import Rights
@@ -37,6 +39,7 @@ from relaynet.errors import (
     RelayError,
     safeReason,
 )
+from relaynet.protocols.control import encodeCommand
 from relaynet.protocols.splice import ReadSide
 from relaynet.registry import IListenerChannel, newConnectionId
 
@@ -63,6 +66,7 @@ _HOP_BY_HOP = {
     "servicebusauthorization",
 }
 _NO_BODY = {204, 304}
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
 
@@ -112,6 +116,7 @@ def respondWithError(request: Request, error: RelayError) -> None:
     Answer C{request} with C{error} (no C{Via}: the relay made it).
     """
     contentType, body = errorBody(request, error)
+    request.responseHeaders = Headers()
     request.setResponseCode(error.status, safeReason(error.reason).encode("ascii"))
     request.setHeader("content-type", contentType)
     request.setHeader("content-length", str(len(body)))
@@ -143,6 +148,8 @@ class RelayRequest(Request):
     """
 
     exchange: HttpExchange | None = None
+    # A relayed response carries the listener's headers, no others.
+    defaultContentType = None
 
     def requestLine(self, method: bytes, uri: bytes, version: bytes) -> None:
         path = uri.split(b"?", 1)[0]
@@ -217,7 +224,7 @@ class HttpExchange:
             else:
                 self._fail(e)
             return
-        if length is None or length > CONTROL_BODY_LIMIT:
+        if length is None or length > self._controlLimit():
             # Too large to carry on the control channel: the listener comes
             # to a rendezvous for it, and the body streams there.
             self.overRendezvous = True
@@ -279,8 +286,19 @@ class HttpExchange:
                 self.leg.endMessage()
             return
         body = b"".join(self._body) if self._expectedBody else None
+        command = self._fullRequest(body is not None)
+        limit = self._controlLimit()
+        if len(encodeCommand(command)) > limit or (body is not None and len(body) > limit):
+            # Too large for the control channel after all (long headers):
+            # the listener comes to a rendezvous for it.
+            self.overRendezvous = True
+            self._deliver({"request": {"address": self._address(), "id": self.rendezvousId}}, None)
+            return
         self._body = []
-        self._deliver(self._fullRequest(body is not None), body)
+        self._deliver(command, body)
+
+    def _controlLimit(self) -> int:
+        return min(CONTROL_BODY_LIMIT, self.relay.settings.maxControlMessage)
 
     def _senderTransport(self) -> Any:
         return self.request.channel.transport
@@ -297,13 +315,17 @@ class HttpExchange:
 
     # Toward the listener.
 
-    def _address(self, channel: IListenerChannel | None = None) -> str:
+    def _address(self) -> str:
+        """
+        The request's rendezvous address; C{{base}} stands for the relay as
+        the listener reaches it until a listener is chosen.
+        """
         assert self.entity is not None
         path, _, query = self.uri.partition("?")
         from relaynet.protocols.websocket import stripRelayParameters
 
         query = stripRelayParameters(query)
-        base = channel.rendezvousBase if channel is not None else "{base}"
+        base = self.channel.rendezvousBase if self.channel is not None else "{base}"
         return (
             f"{base}/$hc/{quote(self.entity.name + self.suffix, safe='/;:@&=+$,!~*()-._')}?"
             f"{query + '&' if query else ''}sb-hc-action=request&sb-hc-id={self.rendezvousId}"
@@ -353,6 +375,7 @@ class HttpExchange:
         address = command["request"]["address"]
 
         def makeCommand(channel: IListenerChannel) -> dict[str, Any]:
+            self.channel = channel
             command["request"]["address"] = address.replace("{base}", channel.rendezvousBase, 1)
             return command
 
@@ -395,7 +418,9 @@ class HttpExchange:
         if self.overRendezvous:
             leg.sendMessage(json.dumps(self._fullRequest(True), separators=(",", ":")).encode(), isBinary=False)
             leg.beginMessage(isBinary=True)
-            for chunk in self._body:
+            # A first frame even for an empty body: a message cannot start
+            # with the continuation frame that ends it.
+            for chunk in self._body or [b""]:
                 leg.beginMessageFrame(len(chunk))
                 leg.sendMessageFrameData(chunk)
             self._body = []
@@ -440,20 +465,24 @@ class HttpExchange:
         keepLength = self.method.upper() == "HEAD" or code in _NO_BODY
         for name, value in (headers.items() if isinstance(headers, dict) else []):
             lower = str(name).lower()
-            if lower in _HOP_BY_HOP and not (keepLength and lower == "content-length"):
+            if not _TOKEN.match(lower) or (lower in _HOP_BY_HOP and not (keepLength and lower == "content-length")):
                 continue
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
             request.responseHeaders.setRawHeaders(str(name), [safeReason(str(value), 8192)])
         request.responseHeaders.addRawHeader("Via", f"1.1 {self._hostname()}")
         hasBody = bool(response.get("body"))
-        if overLeg and hasBody:
+        if not hasBody:
+            if not keepLength:
+                request.setHeader("content-length", "0")
+            self._finish()
+            return False
+        if overLeg:
             assert self.leg is not None and self.leg.transport is not None
             request.registerProducer(ReadSide(self.leg.transport), True)
-            self._bodyProgressed()
-        elif not hasBody:
-            self._finish()
-        return hasBody
+        # The body must come, and keep coming, within the request timeout.
+        self._bodyProgressed()
+        return True
 
     def controlBodyReceived(self, body: bytes) -> None:
         """
@@ -484,7 +513,10 @@ class HttpExchange:
     def _stalled(self) -> None:
         self._deadline = None
         log.info("{method} {uri}: the response body stalled", method=self.method, uri=self.uri.partition("?")[0])
-        self._abort()
+        if self.request.startedWriting:
+            self._abort()
+        else:
+            self._fail(GatewayTimeout("The listener did not send its response body in the required time."))
 
     def _timeout(self) -> float:
         assert self.entity is not None
@@ -500,7 +532,11 @@ class HttpExchange:
         """
         The control channel the request went to is gone.
         """
-        if not self.finished and not self.responding and self.leg is None:
+        if self.finished or self.leg is not None:
+            return
+        if self.request.startedWriting:
+            self._abort()
+        else:
             self._fail(BadGateway("The listener went away before it answered."))
 
     # Endings.
