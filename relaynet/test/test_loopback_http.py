@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
@@ -218,7 +217,7 @@ class HttpRelayTests(TestCase):
         await self.listen()
         calls = [self.call(b"POST", f"/hyco/c/{i}", str(i).encode() * 100) for i in range(50)]
         results = await gatherResults([Deferred.fromCoroutine(c) for c in calls])
-        for i, (response, body) in enumerate(results):
+        for i, (_, body) in enumerate(results):
             self.assertEqual(body, str(i).encode() * 100)
 
     async def test_statusesPassThrough(self) -> None:

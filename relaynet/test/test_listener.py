@@ -1,0 +1,1217 @@
+# -*- test-case-name: relaynet.test.test_listener -*-
+"""
+Tests for L{relaynet.listener}: an L{HttpListener} on a
+L{MemoryReactorClock}, whose WebSocket connections are answered by hand
+(L{RelaySide}): raw upgrade responses and frames in, the frames the listener
+writes parsed back out.
+
+The helpers here (L{Harness}, L{RelaySide}, L{fullRequest}) are shared with
+C{test_web}.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
+from relaynet.listener import (
+    CONTROL_BODY_LIMIT,
+    FLUSH_DELAY,
+    HttpListener,
+    RelayedHttpRequest,
+    RelayRefused,
+    readBody,
+    sasTokenProvider,
+)
+
+KEY_NAME = "RootManageSharedAccessKey"
+KEY = "c2VjcmV0LWtleS1mb3ItbGlzdGVuZXItdGVzdHMtMTI="
+NOW = 1_700_000_000
+BASE = "ws://relay.test:9090"
+RESOURCE = "http://relay.test:9090/hyco"
+SENDER = {"address": "198.51.100.4", "port": 61544}
+_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
+
+
+def address(requestId: str = "r1", path: str = "hyco/x") -> str:
+    return f"{BASE}/$hc/{path}?sb-hc-action=request&sb-hc-id={requestId}"
+
+
+def fullRequest(
+    requestId: str = "r1",
+    method: str = "GET",
+    target: str = "/hyco/x?a=1",
+    headers: dict[str, str] | None = None,
+    body: bool = False,
+    remote: dict[str, Any] | None = SENDER,
+) -> dict[str, Any]:
+    """
+    A full-form C{request} command, as the relay sends it.
+    """
+    command: dict[str, Any] = {
+        "address": address(requestId),
+        "id": requestId,
+        "requestTarget": target,
+        "method": method,
+        "requestHeaders": headers if headers is not None else {"Host": "relay.test:9090", "Accept": "*/*"},
+        "body": body,
+    }
+    if remote is not None:
+        command["remoteEndpoint"] = remote
+    return {"request": command}
+
+
+def serverFrame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    """
+    One unmasked frame, as the relay sends it.
+    """
+    head = bytes([(0x80 if fin else 0) | opcode])
+    length = len(payload)
+    if length < 126:
+        head += bytes([length])
+    elif length < 0x10000:
+        head += bytes([126]) + length.to_bytes(2, "big")
+    else:
+        head += bytes([127]) + length.to_bytes(8, "big")
+    return head + payload
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    key = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+
+
+def parseFrames(data: bytes) -> list[tuple[bool, int, bytes]]:
+    """
+    Split what a client wrote into (fin, opcode, payload) frames, unmasked.
+    """
+    frames = []
+    while data:
+        fin, opcode = bool(data[0] & 0x80), data[0] & 0x0F
+        masked, length, at = data[1] & 0x80, data[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        mask = b""
+        if masked:
+            mask, at = data[at : at + 4], at + 4
+        payload = data[at : at + length]
+        frames.append((fin, opcode, _unmask(payload, mask) if mask else payload))
+        data = data[at + length :]
+    return frames
+
+
+class RelayTcp(StringTransport):
+    """
+    The relay's end of a TCP connection: the listener hears that it ended on
+    the next turn of the clock, as with a real one.
+    """
+
+    def __init__(self, clock: MemoryReactorClock, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer, lenient=True)
+        self.clock = clock
+        self.protocol: Any = None
+        self.aborted = False
+        self._ending = False
+
+    def unregisterProducer(self) -> None:
+        # Like a TCP transport, let a producer that was never registered go.
+        self.producer = None
+        self.streaming = None
+
+    def loseConnection(self) -> None:
+        self._end(ConnectionDone("closed by the listener"))
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self._end(ConnectionAborted())
+
+    def _end(self, reason: Exception) -> None:
+        self.disconnecting = True
+        if not self._ending:
+            self._ending = True
+            self.clock.callLater(0, self.gone, reason)
+
+    def gone(self, reason: Exception | None = None) -> None:
+        """
+        The connection is gone (now, if the relay dropped it).
+        """
+        if self.connected:
+            self.connected = False
+            self.protocol.connectionLost(Failure(reason or ConnectionLost("the relay vanished")))
+
+
+class RelaySide:
+    """
+    The relay's end of one of the listener's WebSocket connections: it reads
+    the upgrade request and the frames the listener writes, and answers with
+    raw bytes.
+    """
+
+    def __init__(self, clock: MemoryReactorClock, host: str, port: int, factory: Any) -> None:
+        peer = IPv4Address("TCP", host, port)
+        self.clock = clock
+        self.transport = RelayTcp(clock, peer)
+        self.proto = factory.buildProtocol(peer)
+        self.transport.protocol = self.proto
+        self.proto.makeConnection(self.transport)
+
+    def _split(self) -> tuple[bytes, bytes]:
+        head, _, rest = self.transport.value().partition(b"\r\n\r\n")
+        return head, rest
+
+    @property
+    def requestLine(self) -> str:
+        return self._split()[0].split(b"\r\n", 1)[0].decode("latin-1")
+
+    def header(self, name: str) -> str | None:
+        for line in self._split()[0].split(b"\r\n")[1:]:
+            key, _, value = line.decode("latin-1").partition(":")
+            if key.strip().lower() == name.lower():
+                return value.strip()
+        return None
+
+    def handshake(self, status: int = 101, reason: str = "Switching Protocols") -> None:
+        if status == 101:
+            key = self.header("Sec-WebSocket-Key") or ""
+            accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
+            lines = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {accept}"]
+        else:
+            lines = ["Content-Length: 0"]
+        response = "\r\n".join([f"HTTP/1.1 {status} {reason}", *lines]) + "\r\n\r\n"
+        self.proto.dataReceived(response.encode("latin-1"))
+
+    def frames(self) -> list[tuple[bool, int, bytes]]:
+        return parseFrames(self._split()[1])
+
+    def dataFrames(self) -> list[tuple[bool, int, bytes]]:
+        return [frame for frame in self.frames() if frame[1] < 8]
+
+    def messages(self) -> list[tuple[int, bytes]]:
+        """
+        The data messages written, reassembled: (opcode, payload).
+        """
+        done: list[tuple[int, bytes]] = []
+        current: list[Any] | None = None
+        for fin, opcode, payload in self.dataFrames():
+            if current is None:
+                current = [opcode, b""]
+            current[1] += payload
+            if fin:
+                done.append((current[0], current[1]))
+                current = None
+        return done
+
+    def commands(self) -> list[dict[str, Any]]:
+        return [json.loads(payload) for opcode, payload in self.messages() if opcode == TEXT]
+
+    def closes(self) -> list[int | None]:
+        return [int.from_bytes(p[:2], "big") if p else None for _, opcode, p in self.frames() if opcode == CLOSE]
+
+    def send(self, opcode: int, payload: bytes = b"", fin: bool = True) -> None:
+        self.proto.dataReceived(serverFrame(opcode, payload, fin))
+
+    def sendJson(self, command: Any) -> None:
+        self.send(TEXT, json.dumps(command).encode())
+
+    def answerClose(self, code: int = 1000) -> None:
+        """
+        Answer the listener's close and drop the connection, as a relay does.
+        """
+        self.send(CLOSE, code.to_bytes(2, "big"))
+        self.transport.gone(ConnectionDone("closed by the relay"))
+
+    def drop(self) -> None:
+        self.transport.gone(ConnectionLost("the relay vanished"))
+
+
+class Recorder:
+    """
+    A handler that keeps its requests for the test to answer.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RelayedHttpRequest] = []
+
+    def handleRequest(self, request: RelayedHttpRequest) -> None:
+        self.requests.append(request)
+
+
+class Responder(Recorder):
+    """
+    A handler that answers at once.
+    """
+
+    def __init__(self, status: int = 200, headers: Any = (), chunks: tuple[bytes, ...] = (), reason: str | None = None):
+        super().__init__()
+        self.status, self.headers, self.chunks, self.reason = status, headers, chunks, reason
+
+    def handleRequest(self, request: RelayedHttpRequest) -> None:
+        super().handleRequest(request)
+        request.respond(self.status, self.reason, self.headers)
+        for chunk in self.chunks:
+            request.write(chunk)
+        request.finish()
+
+
+class Harness:
+    """
+    An L{HttpListener} on a L{MemoryReactorClock}.
+    """
+
+    def __init__(self, handler: Any = None, base: str = BASE, entity: str = "hyco", ttl: int = 3600, **kwargs: Any):
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(NOW)
+        self.handler = handler if handler is not None else Recorder()
+        self.ttl = ttl
+        self.tokens: list[str] = []
+        self.listener = HttpListener(self.reactor, base, entity, self.token, self.handler, **kwargs)
+
+    def token(self) -> str:
+        token = mintToken(RESOURCE, KEY_NAME, KEY, int(self.reactor.seconds()) + self.ttl)
+        self.tokens.append(token)
+        return token
+
+    def connection(self) -> RelaySide:
+        """
+        The listener's next connection attempt, connected.
+        """
+        host, port, factory, timeout, bindAddress = self.reactor.tcpClients.pop(0)
+        return RelaySide(self.reactor, host, port, factory)
+
+    def start(self) -> Any:
+        return self.listener.listen()
+
+    def listen(self) -> RelaySide:
+        listening = self.start()
+        control = self.connection()
+        control.handshake()
+        assert listening.called, "listen() did not fire"
+        self.control = control
+        return control
+
+    def rendezvous(self) -> RelaySide:
+        side = self.connection()
+        side.handshake()
+        return side
+
+    def settle(self) -> None:
+        self.reactor.advance(0)
+
+
+class Chunks(Protocol):
+    """
+    A body protocol that keeps each part as it comes, and may pause.
+    """
+
+    def __init__(self, pauseAfter: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.ended: Failure | None = None
+        self.pauseAfter = pauseAfter
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.pauseAfter is not None and len(self.chunks) >= self.pauseAfter:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.ended = reason
+
+
+@implementer(IPushProducer)
+class PushProducer:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
+def response(side: RelaySide, index: int = 0) -> dict[str, Any]:
+    return side.commands()[index]["response"]
+
+
+class ListenTests(SynchronousTestCase):
+    """
+    The control channel: where it goes, with what, and when it is open.
+    """
+
+    def test_controlUrlAndToken(self) -> None:
+        """
+        The control channel asks for C{/$hc/{entity}} with C{listen}, a
+        C{sb-hc-id} and the token in C{ServiceBusAuthorization}; C{listen()}
+        fires once the relay said 101.
+        """
+        h = Harness(listenerId="7a3c")
+        listening = h.listener.listen()
+        control = h.connection()
+        self.assertEqual(control.requestLine, "GET /$hc/hyco?sb-hc-action=listen&sb-hc-id=7a3c HTTP/1.1")
+        self.assertEqual(control.header("ServiceBusAuthorization"), h.tokens[0])
+        self.assertEqual(control.header("Host"), "relay.test:9090")
+        self.assertIsNone(control.header("Sec-WebSocket-Extensions"))
+        self.assertNoResult(listening)
+        control.handshake()
+        self.assertIsNone(self.successResultOf(listening))
+        self.assertTrue(h.listener.listening)
+
+    def test_generatedId(self) -> None:
+        h = Harness()
+        self.assertEqual(len(h.listener.listenerId), 36)
+        self.assertTrue(h.listener.controlUrl.endswith(f"&sb-hc-id={h.listener.listenerId}"))
+
+    def test_entityWithSlashAndTls(self) -> None:
+        """
+        A C{wss} relay without a port is on 443; an entity may contain C{/}.
+        """
+        reactor = MemoryReactorClock()
+        listener = HttpListener(
+            reactor, "wss://ns.servicebus.windows.net/", "/a/b/", lambda: "t", Recorder(), listenerId="i"
+        )
+        self.assertEqual(listener.controlUrl, "wss://ns.servicebus.windows.net/$hc/a/b?sb-hc-action=listen&sb-hc-id=i")
+        listener.listen()
+        self.assertEqual(reactor.tcpClients[0][1], 443)
+
+    def test_refused(self) -> None:
+        """
+        A refused handshake fails C{listen()} with the relay's status and
+        reason.
+        """
+        h = Harness()
+        listening = h.listener.listen()
+        control = h.connection()
+        control.handshake(401, "The token is expired")
+        h.settle()
+        failure = self.failureResultOf(listening, RelayRefused)
+        self.assertEqual((failure.value.status, failure.value.reason), (401, "The token is expired"))
+        self.assertFalse(h.listener.listening)
+
+    def test_connectionFailed(self) -> None:
+        h = Harness()
+        listening = h.listener.listen()
+        host, port, factory, timeout, bind = h.reactor.tcpClients[0]
+        factory.clientConnectionFailed(h.reactor.connectors[0], Failure(ConnectError("refused")))
+        h.reactor.advance(1)
+        self.failureResultOf(listening, ConnectError)
+
+    def test_listenOnce(self) -> None:
+        h = Harness()
+        h.listen()
+        self.assertRaises(RuntimeError, h.listener.listen)
+
+    def test_close(self) -> None:
+        """
+        C{close()} closes the control channel with 1000 and fires when the
+        relay has answered.
+        """
+        h = Harness()
+        control = h.listen()
+        closing = h.listener.close()
+        self.assertEqual(control.closes(), [1000])
+        self.assertNoResult(closing)
+        control.answerClose()
+        self.successResultOf(closing)
+        self.assertFalse(h.listener.listening)
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_closeAlsoClosesRendezvous(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson({"request": {"address": address("r9"), "id": "r9"}})
+        rendezvous = h.rendezvous()
+        closing = h.listener.close()
+        self.assertEqual(rendezvous.closes(), [1000])
+        control.answerClose()
+        self.assertNoResult(closing)
+        rendezvous.answerClose()
+        self.successResultOf(closing)
+
+    def test_closeAfterRelayDropped(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.drop()
+        self.successResultOf(h.listener.close())
+
+    def test_dropTimerOnInjectedClock(self) -> None:
+        """
+        A relay that answers the close but keeps the TCP connection is
+        dropped after a while, by the listener's clock.
+        """
+        h = Harness()
+        control = h.listen()
+        closing = h.listener.close()
+        control.send(CLOSE, (1000).to_bytes(2, "big"))
+        self.assertFalse(control.transport.aborted)
+        h.reactor.advance(10)
+        self.assertTrue(control.transport.aborted)
+        h.settle()
+        self.successResultOf(closing)
+
+
+class RenewTests(SynchronousTestCase):
+    def renewals(self, control: RelaySide) -> list[str]:
+        return [c["renewToken"]["token"] for c in control.commands() if "renewToken" in c]
+
+    def test_renewEveryInterval(self) -> None:
+        """
+        A long-lived token is renewed every C{tokenRenewInterval} seconds
+        with a fresh token from the provider.
+        """
+        h = Harness(tokenRenewInterval=100)
+        control = h.listen()
+        h.reactor.advance(99)
+        self.assertEqual(self.renewals(control), [])
+        h.reactor.advance(1)
+        self.assertEqual(self.renewals(control), [h.tokens[1]])
+        h.reactor.advance(100)
+        self.assertEqual(self.renewals(control), h.tokens[1:3])
+
+    def test_renewAtNinetyPercent(self) -> None:
+        """
+        A token that expires before the interval is renewed at 90% of its
+        lifetime.
+        """
+        h = Harness(ttl=600)
+        control = h.listen()
+        h.reactor.advance(539)
+        self.assertEqual(self.renewals(control), [])
+        h.reactor.advance(1)
+        self.assertEqual(self.renewals(control), [h.tokens[1]])
+        self.assertEqual(SasToken.parse(h.tokens[1]).expiry, NOW + 540 + 600)
+
+    def test_defaultInterval(self) -> None:
+        h = Harness()
+        control = h.listen()
+        h.reactor.advance(45 * 60)
+        self.assertEqual(len(self.renewals(control)), 1)
+
+    def test_noRenewalAfterClose(self) -> None:
+        h = Harness(tokenRenewInterval=100)
+        control = h.listen()
+        control.drop()
+        h.reactor.advance(1000)
+        self.assertEqual(self.renewals(control), [])
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_sasTokenProvider(self) -> None:
+        """
+        L{sasTokenProvider} mints tokens the relay accepts, valid from the
+        clock's now.
+        """
+        clock = MemoryReactorClock()
+        clock.advance(NOW)
+        provide = sasTokenProvider(RESOURCE, KEY_NAME, KEY, clock, ttl=60)
+        token = provide()
+        authorizer = Authorizer([Rule(KEY_NAME, KEY)])
+        checked = authorizer.authorize(token, "relay.test:9090", "hyco", Rights.LISTEN, NOW)
+        self.assertEqual(checked.expiry, NOW + 60)
+
+
+class ControlChannelRequestTests(SynchronousTestCase):
+    """
+    Full-form requests on the control channel, and responses small enough
+    to go back on it.
+    """
+
+    def test_requestFields(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest(headers={"Content-Type": "text/plain", "X-N": "1"}))
+        [request] = h.handler.requests
+        self.assertEqual((request.id, request.method, request.target), ("r1", "GET", "/hyco/x?a=1"))
+        self.assertEqual(request.address, address("r1"))
+        self.assertEqual(request.headers, [("Content-Type", "text/plain"), ("X-N", "1")])
+        self.assertEqual(request.getHeader("content-type"), "text/plain")
+        self.assertIsNone(request.getHeader("missing"))
+        self.assertEqual(request.remote, ("198.51.100.4", 61544))
+        self.assertEqual((request.bodyLength, request.overRendezvous), (0, False))
+        self.assertEqual(self.successResultOf(readBody(request)), b"")
+        verifyObject(IConsumer, request)
+
+    def test_noRemoteEndpoint(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest(remote=None))
+        self.assertIsNone(h.handler.requests[0].remote)
+
+    def test_bodyIsTheNextMessage(self) -> None:
+        """
+        With C{"body": true} the next message is the whole body; the handler
+        gets the request when it has come, in one part.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest(method="POST", body=True))
+        self.assertEqual(h.handler.requests, [])
+        control.send(BINARY, b'{"qty":', fin=False)
+        control.send(CONTINUATION, b"3}")
+        [request] = h.handler.requests
+        self.assertEqual(request.bodyLength, 9)
+        chunks = Chunks()
+        request.deliverBody(chunks)
+        self.assertEqual(chunks.chunks, [b'{"qty":3}'])
+        assert chunks.ended is not None
+        self.assertTrue(chunks.ended.check(ConnectionDone))
+        verifyObject(IPushProducer, chunks.transport)
+
+    def test_deliverBodyOnce(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest())
+        request = h.handler.requests[0]
+        request.deliverBody(Chunks())
+        self.assertRaises(RuntimeError, request.deliverBody, Chunks())
+
+    def test_smallResponse(self) -> None:
+        """
+        A finished response of at most 64 KiB goes on the control channel:
+        the C{response} text, then at once its body as one binary message.
+        """
+        h = Harness(Responder(201, [("Content-Type", "application/json")], (b'{"id":', b"17}")))
+        control = h.listen()
+        control.sendJson(fullRequest(method="POST"))
+        frames = control.dataFrames()
+        self.assertEqual([(fin, opcode) for fin, opcode, _ in frames], [(True, TEXT), (True, BINARY)])
+        self.assertEqual(
+            json.loads(frames[0][2]),
+            {
+                "response": {
+                    "requestId": "r1",
+                    "statusCode": 201,
+                    "statusDescription": "Created",
+                    "responseHeaders": {"Content-Type": "application/json"},
+                    "body": True,
+                }
+            },
+        )
+        self.assertEqual(frames[1][2], b'{"id":17}')
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.successResultOf(h.handler.requests[0].notifyFinish())
+
+    def test_statusIsANumberHeadersAreStrings(self) -> None:
+        h = Harness(Responder(418, {"X-N": 5}, (b"x",), reason="I'm a teapot"))  # type: ignore[dict-item]
+        control = h.listen()
+        control.sendJson(fullRequest())
+        sent = response(control)
+        self.assertIs(type(sent["statusCode"]), int)
+        self.assertEqual(sent["statusDescription"], "I'm a teapot")
+        self.assertEqual(sent["responseHeaders"], {"X-N": "5"})
+
+    def test_headerRules(self) -> None:
+        """
+        Repeated headers are joined; framing and connection headers are not
+        sent.
+        """
+        headers = [
+            ("Set-Cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "close"),
+            ("Content-Length", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Vary", "Accept"),
+        ]
+        h = Harness(Responder(200, headers, (b"x",)))
+        control = h.listen()
+        control.sendJson(fullRequest())
+        self.assertEqual(response(control)["responseHeaders"], {"Set-Cookie": "a=1, b=2", "Vary": "Accept"})
+
+    def test_emptyBody(self) -> None:
+        """
+        A response with nothing written has no body message.
+        """
+        h = Harness(Responder(200))
+        control = h.listen()
+        control.sendJson(fullRequest())
+        self.assertEqual(len(control.dataFrames()), 1)
+        self.assertIs(response(control)["body"], False)
+
+    def test_head(self) -> None:
+        """
+        A response to HEAD has no body, whatever was written, and may keep
+        its C{Content-Length}.
+        """
+        h = Harness(Responder(200, [("Content-Length", "5")], (b"hello",)))
+        control = h.listen()
+        control.sendJson(fullRequest(method="HEAD"))
+        self.assertEqual(len(control.dataFrames()), 1)
+        sent = response(control)
+        self.assertIs(sent["body"], False)
+        self.assertEqual(sent["responseHeaders"], {"Content-Length": "5"})
+
+    def test_noBodyStatuses(self) -> None:
+        for status in (204, 304):
+            h = Harness(Responder(status, (), (b"ignored",)))
+            control = h.listen()
+            control.sendJson(fullRequest())
+            self.assertEqual(len(control.dataFrames()), 1)
+            self.assertIs(response(control)["body"], False)
+            self.assertEqual(response(control)["statusCode"], status)
+
+    def test_exactlyTheLimit(self) -> None:
+        """
+        A body of exactly 64 KiB still goes on the control channel.
+        """
+        body = b"z" * CONTROL_BODY_LIMIT
+        h = Harness(Responder(200, (), (body[:1000], body[1000:])))
+        control = h.listen()
+        control.sendJson(fullRequest())
+        self.assertEqual(control.messages(), [(TEXT, control.messages()[0][1]), (BINARY, body)])
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_responsesInAnyOrder(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest("a"))
+        control.sendJson(fullRequest("b"))
+        first, second = h.handler.requests
+        for request in (second, first):
+            request.respond(200)
+            request.write(request.id.encode())
+            request.finish()
+        self.assertEqual([c["response"]["requestId"] for c in control.commands()], ["b", "a"])
+        self.assertEqual([p for op, p in control.messages() if op == BINARY], [b"b", b"a"])
+
+    def test_misuse(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest())
+        request = h.handler.requests[0]
+        self.assertRaises(RuntimeError, request.write, b"x")
+        self.assertRaises(RuntimeError, request.finish)
+        self.assertRaises(ValueError, request.respond, 99)
+        self.assertRaises(ValueError, request.respond, True)
+        request.respond(200)
+        self.assertRaises(RuntimeError, request.respond, 200)
+        request.finish()
+        self.assertRaises(RuntimeError, request.finish)
+        self.assertRaises(RuntimeError, request.write, b"x")
+
+    def test_handlerRaises(self) -> None:
+        """
+        A handler that raises before anything went out gets a 500 sent for
+        it, even if it had started a response.
+        """
+
+        class Failing:
+            def handleRequest(self, request: RelayedHttpRequest) -> None:
+                request.respond(200)
+                request.write(b"half")
+                raise ValueError("oops")
+
+        h = Harness(Failing())
+        control = h.listen()
+        control.sendJson(fullRequest())
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        sent = response(control)
+        self.assertEqual((sent["statusCode"], sent["body"]), (500, False))
+        self.assertIn("exception", sent["statusDescription"])
+        self.assertEqual(len(control.dataFrames()), 1)
+
+    def test_ignored(self) -> None:
+        """
+        C{accept}, unknown commands, text that is not JSON and stray empty
+        binary messages are ignored.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson({"accept": {"address": "ws://relay.test:9090/$hc/hyco?sb-hc-action=accept&sb-hc-id=1",
+                                     "id": "1", "connectHeaders": {}, "remoteEndpoint": SENDER}})
+        control.sendJson({"message": "hi"})
+        control.sendJson(["not", "an", "object"])
+        control.send(TEXT, b"not json")
+        control.send(BINARY, b"")
+        control.sendJson({"request": {"id": "no address"}})
+        control.sendJson({"request": {"address": address(), "method": "GET"}})
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual(h.handler.requests, [])
+        self.assertEqual(control.dataFrames(), [])
+        self.assertTrue(h.listener.listening)
+
+    def test_controlLostLosesPendingResponses(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest())
+        request = h.handler.requests[0]
+        finished = request.notifyFinish()
+        control.drop()
+        self.failureResultOf(finished, ConnectionLost)
+        self.failureResultOf(request.notifyFinish(), ConnectionLost)
+        request.respond(200)
+        request.write(b"too late")
+        request.finish()
+        self.assertEqual(control.dataFrames(), [])
+
+
+class LargeResponseTests(SynchronousTestCase):
+    """
+    Responses that outgrow the control channel stream over a rendezvous.
+    """
+
+    def request(self) -> tuple[Harness, RelaySide, RelayedHttpRequest]:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest())
+        request = h.handler.requests[0]
+        return h, control, request
+
+    def test_overTheLimit(self) -> None:
+        """
+        More than 64 KiB buffered opens a WebSocket to the request's
+        address, without a token; there the C{response} text, then the body
+        as one binary message in frames, an empty final frame, and a close
+        with 1000.  Nothing goes on the control channel.
+        """
+        h, control, request = self.request()
+        request.respond(200, None, [("Content-Type", "application/octet-stream")])
+        request.write(b"a" * 40000)
+        self.assertEqual(h.reactor.tcpClients, [])
+        request.write(b"b" * 30000)
+        rendezvous = h.connection()
+        self.assertEqual(rendezvous.requestLine, "GET /$hc/hyco/x?sb-hc-action=request&sb-hc-id=r1 HTTP/1.1")
+        self.assertIsNone(rendezvous.header("ServiceBusAuthorization"))
+        rendezvous.handshake()
+        request.write(b"c" * 10)
+        finished = request.notifyFinish()
+        self.assertNoResult(finished)
+        request.finish()
+        frames = rendezvous.dataFrames()
+        self.assertEqual(
+            [(fin, opcode, len(payload)) for fin, opcode, payload in frames],
+            [(True, TEXT, len(frames[0][2])), (False, BINARY, 40000), (False, CONTINUATION, 30000),
+             (False, CONTINUATION, 10), (True, CONTINUATION, 0)],
+        )
+        self.assertEqual(
+            json.loads(frames[0][2]),
+            {
+                "response": {
+                    "requestId": "r1",
+                    "statusCode": 200,
+                    "statusDescription": "OK",
+                    "responseHeaders": {"Content-Type": "application/octet-stream"},
+                    "body": True,
+                }
+            },
+        )
+        self.assertEqual(rendezvous.messages()[1], (BINARY, b"a" * 40000 + b"b" * 30000 + b"c" * 10))
+        self.assertEqual(rendezvous.closes(), [1000])
+        self.successResultOf(finished)
+        self.assertEqual(control.dataFrames(), [])
+        rendezvous.answerClose()
+        h.settle()
+        self.successResultOf(finished)
+
+    def test_largeWritesAreSplit(self) -> None:
+        h, control, request = self.request()
+        request.respond(200)
+        request.write(b"q" * 200000)
+        rendezvous = h.rendezvous()
+        request.finish()
+        sizes = [len(p) for fin, op, p in rendezvous.dataFrames()[1:]]
+        self.assertEqual(sizes, [65536, 65536, 65536, 200000 - 3 * 65536, 0])
+
+    def test_finishWhileOpening(self) -> None:
+        h, control, request = self.request()
+        request.respond(200)
+        request.write(b"q" * 70000)
+        request.finish()
+        rendezvous = h.rendezvous()
+        self.assertEqual([op for fin, op, p in rendezvous.dataFrames()], [TEXT, BINARY, CONTINUATION, CONTINUATION])
+        self.assertEqual(rendezvous.messages()[1], (BINARY, b"q" * 70000))
+        self.assertEqual(rendezvous.closes(), [1000])
+
+    def test_flushAfterTwoSeconds(self) -> None:
+        """
+        A response still open two seconds after its first write goes to a
+        rendezvous, so that a slow stream keeps flowing.
+        """
+        h, control, request = self.request()
+        request.respond(200)
+        h.reactor.advance(FLUSH_DELAY)
+        self.assertEqual(h.reactor.tcpClients, [])
+        request.write(b"tick")
+        h.reactor.advance(FLUSH_DELAY - 0.1)
+        self.assertEqual(h.reactor.tcpClients, [])
+        h.reactor.advance(0.1)
+        rendezvous = h.rendezvous()
+        self.assertEqual(rendezvous.messages()[1:], [])
+        self.assertEqual([(fin, op, p) for fin, op, p in rendezvous.dataFrames()[1:]], [(False, BINARY, b"tick")])
+        request.write(b"tock")
+        self.assertEqual(rendezvous.dataFrames()[-1], (False, CONTINUATION, b"tock"))
+
+    def test_noFlushAfterFinish(self) -> None:
+        h, control, request = self.request()
+        request.respond(200)
+        request.write(b"tick")
+        request.finish()
+        h.reactor.advance(FLUSH_DELAY * 2)
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual(h.reactor.getDelayedCalls()[0].getTime(), NOW + 45 * 60)
+
+    def test_pushProducer(self) -> None:
+        """
+        The writer is paused while the rendezvous opens and whenever the
+        socket's send buffer is full.
+        """
+        h, control, request = self.request()
+        producer = PushProducer()
+        request.registerProducer(producer, True)
+        request.respond(200)
+        request.write(b"x" * 70000)
+        self.assertEqual(producer.events, ["pause"])
+        rendezvous = h.rendezvous()
+        self.assertEqual(producer.events, ["pause", "resume"])
+        valve = rendezvous.transport.producer
+        self.assertTrue(rendezvous.transport.streaming)
+        valve.pauseProducing()
+        self.assertEqual(producer.events, ["pause", "resume", "pause"])
+        valve.resumeProducing()
+        self.assertEqual(producer.events, ["pause", "resume", "pause", "resume"])
+        request.unregisterProducer()
+        request.finish()
+        self.assertIsNone(rendezvous.transport.producer)
+
+    def test_registeredWhilePaused(self) -> None:
+        h, control, request = self.request()
+        request.respond(200)
+        request.write(b"x" * 70000)
+        producer = PushProducer()
+        request.registerProducer(producer, True)
+        self.assertEqual(producer.events, ["pause"])
+        self.assertRaises(RuntimeError, request.registerProducer, PushProducer(), True)
+
+    def test_pullProducer(self) -> None:
+        """
+        A pull producer is asked for more after each write while the way out
+        is clear.
+        """
+        h, control, request = self.request()
+        request.respond(200)
+        parts = [b"1" * 40000, b"2" * 40000, b"3" * 40000]
+
+        class Pull:
+            calls = 0
+
+            def resumeProducing(self) -> None:
+                self.calls += 1
+                if parts:
+                    request.write(parts.pop(0))
+                else:
+                    request.unregisterProducer()
+                    request.finish()
+
+            def stopProducing(self) -> None:
+                pass
+
+        pull = Pull()
+        request.registerProducer(pull, False)
+        self.assertEqual(pull.calls, 0)
+        h.settle()
+        h.settle()
+        self.assertEqual(pull.calls, 2)
+        h.settle()
+        self.assertEqual(pull.calls, 2)  # the rendezvous is opening
+        rendezvous = h.rendezvous()
+        h.settle()
+        h.settle()
+        self.assertEqual(pull.calls, 4)
+        self.assertEqual(rendezvous.messages()[1], (BINARY, b"1" * 40000 + b"2" * 40000 + b"3" * 40000))
+        self.assertEqual(rendezvous.closes(), [1000])
+
+    def test_rendezvousLost(self) -> None:
+        """
+        A rendezvous that goes before the response is out loses the
+        response: the writer is stopped and C{notifyFinish} fails.
+        """
+        h, control, request = self.request()
+        producer = PushProducer()
+        request.registerProducer(producer, True)
+        request.respond(200)
+        request.write(b"x" * 70000)
+        rendezvous = h.rendezvous()
+        finished = request.notifyFinish()
+        rendezvous.drop()
+        self.failureResultOf(finished, ConnectionLost)
+        self.assertEqual(producer.events[-1], "stop")
+        request.write(b"more")
+        request.finish()
+
+    def test_rendezvousRefused(self) -> None:
+        h, control, request = self.request()
+        request.respond(200)
+        request.write(b"x" * 70000)
+        finished = request.notifyFinish()
+        rendezvous = h.connection()
+        rendezvous.handshake(404, "Unknown request")
+        h.settle()
+        failure = self.failureResultOf(finished, RelayRefused)
+        self.assertEqual(failure.value.status, 404)
+
+    def test_abortWhileStreaming(self) -> None:
+        h, control, request = self.request()
+        request.respond(200)
+        request.write(b"x" * 70000)
+        rendezvous = h.rendezvous()
+        request.abort()
+        self.assertTrue(rendezvous.transport.aborted)
+        self.failureResultOf(request.notifyFinish(), ConnectionAborted)
+
+    def test_handlerRaisesWhileStreaming(self) -> None:
+        """
+        A handler that raises once its response is on its way to a
+        rendezvous breaks it off: the rendezvous is closed unanswered.
+        """
+
+        class Failing(Recorder):
+            def handleRequest(self, request: RelayedHttpRequest) -> None:
+                super().handleRequest(request)
+                request.respond(200)
+                request.write(b"x" * 70000)
+                raise ValueError("oops")
+
+        h = Harness(Failing())
+        control = h.listen()
+        control.sendJson(fullRequest())
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.failureResultOf(h.handler.requests[0].notifyFinish(), ConnectionAborted)
+        rendezvous = h.rendezvous()
+        self.assertEqual(rendezvous.dataFrames(), [])
+        self.assertEqual(rendezvous.closes(), [1000])
+        self.assertEqual(control.dataFrames(), [])
+
+
+class RendezvousRequestTests(SynchronousTestCase):
+    """
+    Address-only requests: read from the rendezvous, answered there.
+    """
+
+    def arrive(self, body: bool = True, **kwargs: Any) -> tuple[Harness, RelaySide, RelaySide]:
+        h = Harness(**kwargs)
+        control = h.listen()
+        control.sendJson({"request": {"address": address("r2", "hyco/big"), "id": "r2"}})
+        rendezvous = h.connection()
+        self.assertEqual(rendezvous.requestLine, "GET /$hc/hyco/big?sb-hc-action=request&sb-hc-id=r2 HTTP/1.1")
+        self.assertIsNone(rendezvous.header("ServiceBusAuthorization"))
+        rendezvous.handshake()
+        self.assertEqual(h.handler.requests, [])
+        rendezvous.sendJson(fullRequest("r2", "POST", "/hyco/big", body=body))
+        return h, control, rendezvous
+
+    def test_streamedBody(self) -> None:
+        """
+        The handler gets the request with its text; the body follows frame
+        by frame as it arrives.
+        """
+        h, control, rendezvous = self.arrive()
+        [request] = h.handler.requests
+        self.assertEqual((request.id, request.method, request.target), ("r2", "POST", "/hyco/big"))
+        self.assertEqual((request.bodyLength, request.overRendezvous), (None, True))
+        chunks = Chunks()
+        request.deliverBody(chunks)
+        rendezvous.send(BINARY, b"one", fin=False)
+        self.assertEqual(chunks.chunks, [b"one"])
+        rendezvous.send(CONTINUATION, b"two", fin=False)
+        self.assertEqual(chunks.chunks, [b"one", b"two"])
+        self.assertIsNone(chunks.ended)
+        rendezvous.send(CONTINUATION, b"", fin=True)
+        assert chunks.ended is not None
+        self.assertTrue(chunks.ended.check(ConnectionDone))
+
+    def test_responseOnTheRendezvous(self) -> None:
+        """
+        A small response to a request that came over a rendezvous goes back
+        there, not on the control channel, and the rendezvous is closed.
+        """
+        h, control, rendezvous = self.arrive(body=False)
+        request = h.handler.requests[0]
+        self.assertEqual(self.successResultOf(readBody(request)), b"")
+        request.respond(201, None, {"X": "y"})
+        request.write(b"ok")
+        request.finish()
+        self.assertEqual([(fin, op) for fin, op, p in rendezvous.dataFrames()], [(True, TEXT), (True, BINARY)])
+        self.assertEqual(
+            rendezvous.commands(),
+            [{"response": {"requestId": "r2", "statusCode": 201, "statusDescription": "Created",
+                           "responseHeaders": {"X": "y"}, "body": True}}],
+        )
+        self.assertEqual(rendezvous.messages()[-1], (BINARY, b"ok"))
+        self.assertEqual(rendezvous.closes(), [1000])
+        self.assertEqual(control.dataFrames(), [])
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_largeResponseOnTheSameRendezvous(self) -> None:
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        request.respond(200)
+        request.write(b"r" * 70000)
+        self.assertEqual(h.reactor.tcpClients, [])
+        request.finish()
+        self.assertEqual(
+            [(fin, op, len(p)) for fin, op, p in rendezvous.dataFrames()[1:]],
+            [(False, BINARY, 65536), (False, CONTINUATION, 70000 - 65536), (True, CONTINUATION, 0)],
+        )
+        self.assertEqual(rendezvous.closes(), [1000])
+
+    def test_pauseWhileTheHandlerIsSlow(self) -> None:
+        """
+        A handler that pauses the body pauses the rendezvous socket.
+        """
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        chunks = Chunks(pauseAfter=1)
+        request.deliverBody(chunks)
+        rendezvous.send(BINARY, b"one", fin=False)
+        self.assertEqual(rendezvous.transport.producerState, "paused")
+        rendezvous.send(CONTINUATION, b"two", fin=False)
+        self.assertEqual(chunks.chunks, [b"one"])
+        assert chunks.transport is not None
+        chunks.pauseAfter = None
+        chunks.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.assertEqual(chunks.chunks, [b"one", b"two"])
+        self.assertEqual(rendezvous.transport.producerState, "producing")
+
+    def test_bufferedUntilDelivered(self) -> None:
+        """
+        Body that comes before the handler asks for it waits; past 64 KiB
+        the rendezvous socket is paused until the handler reads.
+        """
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        rendezvous.send(BINARY, b"a" * 40000, fin=False)
+        self.assertEqual(rendezvous.transport.producerState, "producing")
+        rendezvous.send(CONTINUATION, b"b" * 40000, fin=False)
+        self.assertEqual(rendezvous.transport.producerState, "paused")
+        rendezvous.send(CONTINUATION, b"c", fin=True)
+        self.assertEqual(rendezvous.transport.producerState, "producing")
+        self.assertEqual(self.successResultOf(readBody(request)), b"a" * 40000 + b"b" * 40000 + b"c")
+
+    def test_pausedThenEndedThenResumed(self) -> None:
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        chunks = Chunks(pauseAfter=1)
+        request.deliverBody(chunks)
+        rendezvous.send(BINARY, b"one", fin=False)
+        rendezvous.send(CONTINUATION, b"two", fin=True)
+        self.assertIsNone(chunks.ended)
+        self.assertEqual(rendezvous.transport.producerState, "producing")
+        chunks.pauseAfter = None
+        chunks.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(chunks.chunks, [b"one", b"two"])
+        self.assertIsNotNone(chunks.ended)
+
+    def test_bodyNotWanted(self) -> None:
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        chunks = Chunks()
+        request.deliverBody(chunks)
+        rendezvous.send(BINARY, b"one", fin=False)
+        chunks.transport.stopProducing()  # type: ignore[union-attr]
+        assert chunks.ended is not None
+        self.assertTrue(chunks.ended.check(ConnectionAborted))
+        rendezvous.send(CONTINUATION, b"two", fin=True)
+        self.assertEqual(chunks.chunks, [b"one"])
+
+    def test_bodyBrokenOff(self) -> None:
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        reading = readBody(request)
+        rendezvous.send(BINARY, b"one", fin=False)
+        rendezvous.drop()
+        self.failureResultOf(reading, ConnectionLost)
+        self.failureResultOf(request.notifyFinish(), ConnectionLost)
+
+    def test_idFromTheCommand(self) -> None:
+        """
+        A request text without an id is answered with the id of the
+        control channel's command.
+        """
+        h = Harness(Responder(200))
+        control = h.listen()
+        control.sendJson({"request": {"address": address("r3"), "id": "r3"}})
+        rendezvous = h.rendezvous()
+        command = fullRequest("r3")
+        del command["request"]["id"]
+        rendezvous.sendJson(command)
+        self.assertEqual(response(rendezvous, 0)["requestId"], "r3")
+
+    def test_notARequest(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson({"request": {"address": address("r4"), "id": "r4"}})
+        rendezvous = h.rendezvous()
+        rendezvous.send(TEXT, b"[1, 2]")
+        self.assertEqual(rendezvous.closes(), [1000])
+        self.assertEqual(h.handler.requests, [])
+
+    def test_requestTextTooLarge(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson({"request": {"address": address("r5"), "id": "r5"}})
+        rendezvous = h.rendezvous()
+        rendezvous.send(TEXT, b"{" + b" " * 300000, fin=False)
+        self.assertEqual(rendezvous.closes(), [1009])
+        self.assertEqual(h.handler.requests, [])
+
+    def test_rendezvousRefused(self) -> None:
+        """
+        A rendezvous the relay refuses (the request is gone) is logged.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson({"request": {"address": address("r6"), "id": "r6"}})
+        rendezvous = h.connection()
+        rendezvous.handshake(404, "Gone")
+        h.settle()
+        self.assertEqual(len(self.flushLoggedErrors(RelayRefused)), 1)
+        self.assertTrue(h.listener.listening)
+
+    def test_abortDropsTheRendezvous(self) -> None:
+        h, control, rendezvous = self.arrive()
+        h.handler.requests[0].abort()
+        self.assertTrue(rendezvous.transport.aborted)
+
+    def test_bodyProtocolRaises(self) -> None:
+        """
+        A body protocol that raises is logged and gets no more; the socket
+        keeps being read.
+        """
+
+        class Raising(Chunks):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                raise ValueError("bad protocol")
+
+        h, control, rendezvous = self.arrive()
+        request = h.handler.requests[0]
+        chunks = Raising()
+        request.deliverBody(chunks)
+        rendezvous.send(BINARY, b"one", fin=False)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        rendezvous.send(CONTINUATION, b"two", fin=True)
+        self.assertEqual(chunks.chunks, [b"one"])
+        self.assertIsNone(chunks.ended)
+        self.assertEqual(rendezvous.transport.producerState, "producing")
+        request.respond(200)
+        request.finish()
+        self.assertEqual(response(rendezvous)["statusCode"], 200)
