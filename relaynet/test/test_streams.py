@@ -1,0 +1,139 @@
+"""
+relaynet.streams over a real relay on 127.0.0.1: a sender's protocol
+reaches a listener, and each refusal is its own exception.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from relaynet.streams import (
+    AuthorizationError,
+    ConnectTimeoutError,
+    EndpointNotFoundError,
+    MessageProtocol,
+    NoListenerError,
+    RelayAddress,
+    RejectedError,
+    connectStream,
+)
+from relaynet.test.support import KEY, KEY_NAME, RelayFixture
+from relaynet.tokens import fixedToken, fromKey
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.ended: Deferred[BaseException] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.ended.callback(reason.value)
+
+
+class Messages(MessageProtocol):
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bool]] = []
+
+    def messageReceived(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append((payload, isBinary))
+
+
+class ConnectStreamTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.relay = RelayFixture(self, ["--entity", "hyco", "--accept-timeout", "0.5"])
+        self.url = f"ws://{self.relay.host}"
+        self.tokens = fromKey(KEY_NAME, KEY, reactor)
+
+    async def accepting(self, extra: str = "") -> tuple[Deferred[object], object]:
+        """
+        A listener that takes the next sender (or rejects it, with C{extra}).
+        """
+        control = await self.relay.listener("hyco")
+        accepted: Deferred[object] = Deferred()
+
+        def take(message: tuple[bytes, bool]) -> None:
+            accept = json.loads(message[0])["accept"]
+            leg = self.relay.connect(accept["address"] + extra)
+            if extra:
+                leg.opened.addErrback(lambda f: None)
+                accepted.callback(accept)
+            else:
+                leg.opened.addCallback(lambda _: accepted.callback((accept, leg)))
+
+        control.messages.get().addCallback(take)
+        return accepted, control
+
+    async def test_bytesBothWays(self) -> None:
+        accepted, _ = await self.accepting()
+        proto = await connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Collect), headers={"X-App": "1"})
+        accept, leg = await accepted
+        self.assertEqual(accept["connectHeaders"]["X-App"], "1")
+        self.assertEqual(proto.transport.getPeer(), RelayAddress(self.url, "hyco"))
+        proto.transport.write(b"hello")
+        self.assertEqual(await leg.messages.get(), (b"hello", True))
+        leg.sendMessage(b"world", isBinary=True)
+        while proto.received != b"world":
+            await deferLater()
+        leg.sendClose(1000)
+        self.assertIsInstance(await proto.ended, ConnectionDone)
+
+    async def test_messages(self) -> None:
+        accepted, _ = await self.accepting()
+        proto = await connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Messages))
+        accept, leg = await accepted
+        leg.sendMessage(b"text", isBinary=False)
+        leg.sendMessage(b"\x00bin", isBinary=True)
+        while len(proto.messages) < 2:
+            await deferLater()
+        self.assertEqual(proto.messages, [(b"text", False), (b"\x00bin", True)])
+        await proto.whenWritable()
+        proto.sendMessage(b"back", isBinary=False)
+        self.assertEqual(await leg.messages.get(), (b"back", False))
+
+    async def test_noListener(self) -> None:
+        with self.assertRaises(NoListenerError) as e:
+            await connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Collect))
+        self.assertEqual(e.exception.status, 404)
+
+    async def test_unknownEntity(self) -> None:
+        with self.assertRaises(EndpointNotFoundError):
+            await connectStream(reactor, self.url, "nope", self.tokens, Factory.forProtocol(Collect))
+
+    async def test_badToken(self) -> None:
+        await self.relay.listener("hyco")
+        with self.assertRaises(AuthorizationError) as e:
+            await connectStream(reactor, self.url, "hyco", fromKey(KEY_NAME, "d3Jvbmc=", reactor), Factory.forProtocol(Collect))
+        self.assertEqual(e.exception.status, 401)
+        with self.assertRaises(AuthorizationError):
+            await connectStream(reactor, self.url, "hyco", None, Factory.forProtocol(Collect))
+        with self.assertRaises(ValueError):
+            fixedToken("not a token")
+
+    async def test_rejected(self) -> None:
+        accepted, _ = await self.accepting("&sb-hc-statusCode=451&sb-hc-statusDescription=Not%20here")
+        with self.assertRaises(RejectedError) as e:
+            await connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Collect))
+        self.assertEqual((e.exception.status, e.exception.reason), (451, "Not here"))
+
+    async def test_timedOut(self) -> None:
+        await self.relay.listener("hyco")
+        with self.assertRaises(ConnectTimeoutError):
+            await connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Collect))
+
+
+def deferLater() -> Deferred[None]:
+    from twisted.internet.task import deferLater as later
+
+    return later(reactor, 0.01, lambda: None)
