@@ -1,15 +1,28 @@
 # -*- test-case-name: relaynet.test.test_listener -*-
 """
-The listener's side of HTTP relaying: a Hybrid Connections HTTP listener
-over autobahn that works against relaynet and Azure Relay alike.
+The listener's side of Hybrid Connections: relayed HTTP requests and
+relayed WebSocket streams, over autobahn, against relaynet and Azure Relay
+alike.
 
-L{HttpListener} opens the control channel::
+L{HybridListener} opens the control channel::
 
     {baseUrl}/$hc/{entity}?sb-hc-action=listen&sb-hc-id={uuid}
 
-with a SAS token in the C{ServiceBusAuthorization} header, renews the token
-with C{renewToken} before it expires, and turns every C{request} command
-into a L{RelayedHttpRequest} for its handler:
+with a SAS token from a L{relaynet.tokens.TokenProvider} in the
+C{ServiceBusAuthorization} header, renews the token with C{renewToken}
+before it expires, pings the relay, and reconnects (with a fresh token and
+back-off) when the channel drops, until it is closed or the relay says the
+entity does not exist.  Its status (C{connecting}, C{online},
+C{reconnecting}, C{offline}) goes to an C{onStatus} callback.
+
+C{accept} commands (WebSocket senders) go to an C{acceptHandler} as an
+L{AcceptRequest}; an accepted sender's stream is opened at the command's
+C{address} (a L{relaynet.streams.StreamWebSocket}) and given to a protocol
+from the C{streamFactory}; a rejected one is answered at the address with
+C{sb-hc-statusCode} and C{sb-hc-statusDescription}, which the relay
+acknowledges with 410.
+
+Every C{request} command becomes a L{RelayedHttpRequest} for the handler:
 
     - I{full form} (the command has a C{method}): the request came whole on
       the control channel; if its C{body} is true, the very next message on
@@ -19,9 +32,6 @@ into a L{RelayedHttpRequest} for its handler:
       then, if it has one, the body as one binary message, which is handed
       on frame by frame as it arrives.  A handler that reads slowly pauses
       the rendezvous socket.
-
-C{accept} commands (WebSocket senders) are for a stream listener and are
-ignored here, as are commands nobody knows.
 
 The response goes back the way the .NET listener sends it.  Writes are
 buffered; if the response is finished with at most 64 KiB buffered, and the
@@ -38,23 +48,32 @@ that socket with 1000.  One request per rendezvous.
 from __future__ import annotations
 
 import json
+import random
 import re
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Union, cast
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote, urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IProducer,
     IProtocol,
+    IProtocolFactory,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
@@ -65,17 +84,29 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
-from relaynet.auth import SasToken, mintToken
-from relaynet.protocols.websocket import ClockTimer
+from relaynet.auth import SasToken
+from relaynet.protocols.websocket import ClockTimer, stripRelayParameters
+from relaynet.streams import (
+    RelayAddress,
+    RelayConnectError,
+    StreamWebSocket,
+    relayEndpoint,
+    resourceUri,
+)
+from relaynet.streams import streamFactory as makeStreamFactory
+from relaynet.tokens import TokenProvider, fromKey, getToken
 
 __all__ = [
+    "AcceptRequest",
     "CONTROL_BODY_LIMIT",
     "FLUSH_DELAY",
     "HttpListener",
+    "HybridListener",
     "RelayRefused",
     "RelayedHttpRequest",
     "RequestHandler",
     "readBody",
+    "defaultRetryPolicy",
     "sasTokenProvider",
 ]
 
@@ -100,6 +131,7 @@ CONNECT_TIMEOUT = 30.0
 RENDEZVOUS_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 10.0
 MIN_RENEW_DELAY = 5.0
+MIN_RENEW_FLOOR = 1.0
 NORMAL_CLOSURE = 1000
 MESSAGE_TOO_BIG = 1009
 
@@ -115,7 +147,7 @@ _BUFFERING, _OPENING, _STREAMING, _DONE, _LOST = "buffering", "opening", "stream
 
 class RequestHandler(TypingProtocol):
     """
-    What L{HttpListener} hands requests to.
+    What L{HybridListener} hands relayed HTTP requests to.
     """
 
     def handleRequest(self, request: RelayedHttpRequest) -> None:
@@ -139,18 +171,15 @@ class RelayRefused(Exception):
         self.reason = reason
 
 
-def sasTokenProvider(
-    resourceUri: str, keyName: str, key: str, clock: IReactorTime, ttl: int = 3600
-) -> Callable[[], str]:
+def sasTokenProvider(keyName: str, key: str, clock: IReactorTime, ttl: int = 3600) -> TokenProvider:
     """
-    A token provider for L{HttpListener}: each call mints a fresh token.
+    A token provider for L{HybridListener}: each call mints a fresh token
+    for the resource it is asked about.  The same as
+    L{relaynet.tokens.fromKey}.
 
-    @param resourceUri: the token's scope, such as C{http://127.0.0.1:9090/hyco}
-        for relaynet (its host must be the host the listener connects to) or
-        C{http://ns.servicebus.windows.net/hyco} for Azure.
     @param ttl: the lifetime of each token, in seconds.
     """
-    return lambda: mintToken(resourceUri, keyName, key, int(clock.seconds()) + ttl)
+    return fromKey(keyName, key, clock, ttl)
 
 
 def readBody(request: RelayedHttpRequest) -> Deferred[bytes]:
@@ -422,7 +451,7 @@ class RelayedHttpRequest:
 
     def __init__(
         self,
-        listener: HttpListener,
+        listener: HybridListener,
         requestId: str,
         address: str,
         method: str,
@@ -724,7 +753,7 @@ class _Client(WebSocketClientProtocol):
     on the injected clock (autobahn's would use the global reactor).
     """
 
-    def __init__(self, listener: HttpListener) -> None:
+    def __init__(self, listener: HybridListener) -> None:
         super().__init__()
         self.listener = listener
         self.opened: Deferred[None] = Deferred()
@@ -805,7 +834,7 @@ class _Rendezvous(_Client):
     """
 
     def __init__(
-        self, listener: HttpListener, response: RelayedHttpRequest | None = None, requestId: str | None = None
+        self, listener: HybridListener, response: RelayedHttpRequest | None = None, requestId: str | None = None
     ) -> None:
         super().__init__(listener)
         self.request = response
@@ -884,13 +913,171 @@ class _Rendezvous(_Client):
                 Failure(ConnectionLost(f"The rendezvous closed: {code} {reason or ''}".strip()))
             )
 
-
-class HttpListener:
+class _RejectSocket(_Client):
     """
-    A Hybrid Connections HTTP listener.
+    The socket that rejects a sender: the relay answers it with 410 Gone.
+    """
 
-    @ivar listenerId: the C{sb-hc-id} of the control channel.
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        super().onClose(wasClean, code, reason)
+        self.listener._rendezvousClosed(self)
+
+
+class _AcceptedStream(StreamWebSocket):
+    """
+    An accepted sender's stream, which the listener keeps until it closes.
+    """
+
+    def __init__(self, listener: HybridListener, host: RelayAddress, peer: RelayAddress) -> None:
+        assert listener._streamFactory is not None
+        super().__init__(listener._streamFactory, host, peer, listener.reactor)
+        self.listener = listener
+        self.isClosed = False
+        self._closedWaiters: list[Deferred[None]] = []
+
+    def whenClosed(self) -> Deferred[None]:
+        if self.isClosed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closedWaiters.append(d)
+        return d
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            super().onClose(wasClean, code, reason)
+        finally:
+            self.isClosed = True
+            self.listener._streams.discard(self)
+            waiters, self._closedWaiters = self._closedWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+
+class AcceptRequest:
+    """
+    A sender asking to connect: what an C{acceptHandler} decides on.
+
+    @ivar id: the connection id.
+    @ivar address: the rendezvous address the listener accepts or rejects at.
+    @ivar headers: the sender's upgrade request headers (C{connectHeaders}).
+    @ivar remote: the sender's (address, port), if the relay said.
+    @ivar target: the path and query the sender connected to, without
+        C{/$hc} and the C{sb-hc-} parameters: C{/hyco/room1?tenant=7}.
+    @ivar subprotocols: the WebSocket subprotocols the sender offered, in
+        its order; the first one is requested when accepting.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        address: str,
+        headers: dict[str, str],
+        remote: tuple[str, int] | None,
+        target: str,
+        subprotocols: list[str],
+    ) -> None:
+        self.id = id
+        self.address = address
+        self.headers = headers
+        self.remote = remote
+        self.target = target
+        self.subprotocols = subprotocols
+
+    def __repr__(self) -> str:
+        return f"<AcceptRequest {self.id} {self.target} from {self.remote}>"
+
+    def getHeader(self, name: str) -> str | None:
+        """
+        The header C{name} (any case), or L{None}.
+        """
+        lower = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == lower:
+                return value
+        return None
+
+    @classmethod
+    def fromCommand(cls, command: Mapping[str, Any]) -> AcceptRequest | None:
+        """
+        The request an C{accept} command describes, or L{None} if it has no
+        usable address.
+        """
+        address = command.get("address")
+        if not isinstance(address, str) or "://" not in address:
+            return None
+        raw = command.get("connectHeaders")
+        headers = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        parts = urlsplit(address)
+        path = parts.path
+        if path.startswith("/$hc/") or path == "/$hc":
+            path = path[len("/$hc") :] or "/"
+        query = stripRelayParameters(parts.query)
+        request = cls(
+            str(command.get("id", "")),
+            address,
+            headers,
+            _remote(command.get("remoteEndpoint")),
+            path + ("?" + query if query else ""),
+            [],
+        )
+        offered = request.getHeader("Sec-WebSocket-Protocol") or ""
+        request.subprotocols = [p.strip() for p in offered.split(",") if p.strip()]
+        return request
+
+
+AcceptDecision = Union[bool, "tuple[int, str]", None]
+AcceptHandler = Callable[[AcceptRequest], Union[AcceptDecision, "Deferred[AcceptDecision]", Awaitable[AcceptDecision]]]
+RetryPolicy = Callable[[int], float]
+
+
+def _remote(endpoint: Any) -> tuple[str, int] | None:
+    if isinstance(endpoint, dict) and isinstance(endpoint.get("address"), str):
+        try:
+            return (endpoint["address"], int(endpoint.get("port") or 0))
+        except (TypeError, ValueError):
+            return (endpoint["address"], 0)
+    return None
+
+
+def defaultRetryPolicy(jitter: Callable[[], float] = random.random) -> RetryPolicy:
+    """
+    The delay before reconnect attempt C{n} (counted from 0 since the last
+    success): at once, then 1, 2, 4, 8, 16 and then 30 seconds, each plus up
+    to a second of C{jitter}.
+    """
+    backoff = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=jitter)
+    return lambda attempt: 0.0 if attempt == 0 else backoff(attempt - 1)
+
+
+class _NoHandler:
+    """
+    Answers every HTTP request with 501, for a listener without a handler.
+    """
+
+    def handleRequest(self, request: RelayedHttpRequest) -> None:
+        request.respond(501, "This listener takes no HTTP requests.")
+        request.finish()
+
+
+class HybridListener:
+    """
+    A Hybrid Connections listener: relayed HTTP requests for a C{handler},
+    relayed WebSocket streams for a C{streamFactory}'s protocols.
+
+    Once online it stays online: when the control channel drops (a relay
+    restart, the network, an expired token) it reconnects with a fresh
+    token, backing off between failed attempts, until L{close} is called or
+    the relay says the entity does not exist (404).
+
+    @ivar listenerId: the C{sb-hc-id} of the control channel, the same on
+        every reconnect.
     @ivar controlUrl: where the control channel connects.
+    @ivar baseUrl: the relay, without a trailing C{/}.
+    @ivar entity: the hybrid connection's name, without outer C{/}.
+    @ivar resourceUri: what the tokens are for.
+    @ivar status: C{"offline"} (before L{listen}, after L{close}, or given
+        up), C{"connecting"} (the first attempt), C{"online"}, or
+        C{"reconnecting"}.
     """
 
     def __init__(
@@ -898,11 +1085,18 @@ class HttpListener:
         reactor: Any,
         baseUrl: str,
         entity: str,
-        tokenProvider: Callable[[], str],
-        handler: RequestHandler,
-        tokenRenewInterval: float = DEFAULT_TOKEN_RENEW_INTERVAL,
+        tokenProvider: TokenProvider,
+        handler: RequestHandler | None = None,
+        streamFactory: IProtocolFactory | None = None,
+        acceptHandler: AcceptHandler | None = None,
+        onStatus: Callable[[str], None] | None = None,
+        reconnect: bool = True,
         trustRoot: Any = None,
         listenerId: str | None = None,
+        pingInterval: float = 30.0,
+        pingTimeout: float | None = None,
+        tokenRenewInterval: float = DEFAULT_TOKEN_RENEW_INTERVAL,
+        retryPolicy: RetryPolicy | None = None,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and
@@ -910,38 +1104,76 @@ class HttpListener:
         @param baseUrl: the relay, C{ws://host:port} or C{wss://host[:port]},
             such as C{ws://127.0.0.1:9090} or C{wss://ns.servicebus.windows.net}.
         @param entity: the hybrid connection's name; it may contain C{/}.
-        @param tokenProvider: returns a SAS token (the whole
-            C{SharedAccessSignature ...} text) with the Listen right; called
-            to connect and to renew.  For relaynet the token's host must be
-            the host of C{baseUrl}.  See L{sasTokenProvider}.
-        @param handler: gets each request.
-        @param tokenRenewInterval: the longest time between token renewals;
-            a token that expires sooner is renewed at 90% of its lifetime.
+        @param tokenProvider: a L{relaynet.tokens.TokenProvider}, called with
+            L{resourceUri} for each connection attempt and each renewal; its
+            tokens need the Listen right.  See L{relaynet.tokens.fromKey}.
+        @param handler: gets each relayed HTTP request; without one they are
+            answered with 501.
+        @param streamFactory: builds a protocol for each accepted sender;
+            without one every sender is rejected with 404.
+        @param acceptHandler: decides on each sender (an L{AcceptRequest}):
+            C{True} accepts, C{False} rejects with 400, C{(status, reason)}
+            rejects with those, or a L{Deferred} or coroutine of one of these.
+            If it raises, the sender is rejected with 502.  Without one,
+            every sender is accepted.
+        @param onStatus: called with the new L{status} on every change.
+        @param reconnect: whether to reconnect when the control channel
+            drops; without, the listener goes C{"offline"}.
         @param trustRoot: for C{wss}, the certificate authority to trust
             (as for L{optionsForClientTLS
             <twisted.internet.ssl.optionsForClientTLS>}); the platform's by
             default.
         @param listenerId: the listener's C{sb-hc-id}; a new UUID by default.
+        @param pingInterval: seconds between WebSocket pings on the control
+            channel; 0 for none.
+        @param pingTimeout: seconds to wait for the answer to a ping before
+            the control channel is dropped (and reconnected);
+            C{pingInterval} by default.
+        @param tokenRenewInterval: the longest time between token renewals;
+            a token that expires sooner is renewed at 90% of its lifetime.
+        @param retryPolicy: the delay before reconnect attempt C{n}
+            (0-based since the last success); L{defaultRetryPolicy} by
+            default.
         """
         self.reactor = reactor
+        self.baseUrl = baseUrl.rstrip("/")
         self.entity = entity.strip("/")
         self.listenerId = listenerId or str(uuid.uuid4())
         self.controlUrl = (
-            f"{baseUrl.rstrip('/')}/$hc/{quote(self.entity, safe='/')}"
+            f"{self.baseUrl}/$hc/{quote(self.entity, safe='/')}"
             f"?sb-hc-action=listen&sb-hc-id={quote(self.listenerId, safe='')}"
         )
+        self.resourceUri = resourceUri(self.baseUrl, self.entity)
+        self.status = "offline"
         self._tokenProvider = tokenProvider
-        self._handler = handler
-        self._renewInterval = tokenRenewInterval
+        self._handler: RequestHandler = handler if handler is not None else _NoHandler()
+        self._streamFactory = streamFactory
+        self._acceptHandler = acceptHandler
+        self._onStatus = onStatus
+        self._reconnect = reconnect
         self._trustRoot = trustRoot
+        self._pingInterval = pingInterval
+        self._pingTimeout = pingInterval if pingTimeout is None else pingTimeout
+        self._renewInterval = tokenRenewInterval
+        self._retryPolicy = retryPolicy or defaultRetryPolicy()
         self._control: _ControlChannel | None = None
         self._pendingBody: dict[str, Any] | None = None
         self._renewCall: IDelayedCall | None = None
-        self._rendezvous: set[_Rendezvous] = set()
+        self._renewing: Deferred[None] | None = None
+        self._retryCall: IDelayedCall | None = None
+        self._attempt: Deferred[str] | None = None
+        self._failures = 0
+        self._first: Deferred[None] | None = None
+        self._rendezvous: set[_Client] = set()
+        self._streams: set[_AcceptedStream] = set()
         self._connecting: set[Deferred[Any]] = set()
         self._inFlight: set[RelayedHttpRequest] = set()
         self._started = False
+        self._wasOnline = False
         self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.baseUrl} {self.entity} {self.status}>"
 
     @property
     def listening(self) -> bool:
@@ -953,34 +1185,32 @@ class HttpListener:
 
     def listen(self) -> Deferred[None]:
         """
-        Open the control channel.
+        Open the control channel, and keep it open.
 
         @return: a L{Deferred} that fires once the relay has registered this
             listener, or fails with L{RelayRefused} (the relay said no, with a
-            status) or a connection error.
+            status) or a connection error if that first attempt fails; then
+            the listener is C{"offline"} and does not retry.  After a first
+            success it reconnects by itself.  Cancelling it closes the
+            listener.
         """
-        if self._started:
-            raise RuntimeError("This listener has already been started.")
+        if self._started or self._closing:
+            raise RuntimeError("This listener has already been started or closed.")
         self._started = True
-        return Deferred.fromCoroutine(self._listen())
+        self._first = Deferred(lambda d: self._cancelListen())
+        self._setStatus("connecting")
+        self._tryConnecting()
+        return self._first
 
-    async def _listen(self) -> None:
-        token = self._tokenProvider()
-        proto = _ControlChannel(self)
-        factory = self._factory(self.controlUrl, proto, {"ServiceBusAuthorization": token}, CONNECT_TIMEOUT)
-        self._control = proto
-        try:
-            await self._connect(self.controlUrl, factory)
-            await proto.opened
-        except BaseException:
-            self._control = None
-            raise
-        log.info("listening on {entity} as {id}", entity=self.entity, id=self.listenerId)
-        self._scheduleRenewal(token)
+    def _cancelListen(self) -> None:
+        # Cancelling listen() closes the listener; close() fails listen()
+        # with CancelledError.
+        self.close().addErrback(lambda f: log.failure("closing a cancelled listener failed", f))
 
     def close(self) -> Deferred[None]:
         """
-        Close the control channel (1000) and any rendezvous sockets.
+        Stop: no more reconnecting; close the control channel (1000), the
+        rendezvous sockets and the accepted streams.
 
         @return: a L{Deferred} that fires when they are all closed.
         """
@@ -989,10 +1219,14 @@ class HttpListener:
     async def _close(self) -> None:
         self._closing = True
         self._cancelRenewal()
+        self._cancelRetry()
+        control = self._control
+        if self._attempt is not None:
+            self._attempt.cancel()
         for connecting in list(self._connecting):
             connecting.cancel()
         waiting = []
-        for proto in [self._control, *self._rendezvous]:
+        for proto in [control, *self._rendezvous]:
             if proto is None or proto.isClosed or proto.transport is None:
                 continue
             waiting.append(proto.whenClosed())
@@ -1000,7 +1234,123 @@ class HttpListener:
                 proto.sendClose(NORMAL_CLOSURE)
             elif proto.state == proto.STATE_CONNECTING:
                 proto.dropConnection(abort=True)
+        for stream in list(self._streams):
+            if stream.transport is None:
+                continue
+            waiting.append(stream.whenClosed())
+            stream.closeStream()
+        if self._first is not None and not self._first.called:
+            self._first.errback(CancelledError("The listener was closed before it was online."))
+        self._setStatus("offline")
         await DeferredList(waiting)
+
+    # Status.
+
+    def _setStatus(self, status: str) -> None:
+        if status == self.status:
+            return
+        self.status = status
+        log.info("listener {entity} ({id}) is {status}", entity=self.entity, id=self.listenerId, status=status)
+        if self._onStatus is not None:
+            try:
+                self._onStatus(status)
+            except Exception:
+                log.failure("the listener's onStatus callback failed")
+
+    # Connecting and reconnecting.
+
+    def _tryConnecting(self) -> None:
+        self._retryCall = None
+        attempt = Deferred.fromCoroutine(self._connectControl())
+        self._attempt = attempt
+        attempt.addCallbacks(self._connected, self._attemptFailed)
+
+    async def _connectControl(self) -> str:
+        token = await getToken(self._tokenProvider, self.resourceUri)
+        proto = _ControlChannel(self)
+        factory = self._factory(self.controlUrl, proto, {"ServiceBusAuthorization": token}, CONNECT_TIMEOUT)
+        factory.setProtocolOptions(
+            autoPingInterval=self._pingInterval or 0,
+            autoPingTimeout=self._pingTimeout or 0,
+        )
+        self._control = proto
+        try:
+            await self._connect(self.controlUrl, factory)
+            await proto.opened
+        except BaseException:
+            if self._control is proto:
+                self._control = None
+            if proto.transport is not None and not proto.isClosed:
+                proto.dropConnection(abort=True)
+            raise
+        return token
+
+    def _connected(self, token: str) -> None:
+        self._attempt = None
+        self._failures = 0
+        self._wasOnline = True
+        log.info("listening on {entity} as {id}", entity=self.entity, id=self.listenerId)
+        self._setStatus("online")
+        self._scheduleRenewal(token)
+        if self._first is not None and not self._first.called:
+            self._first.callback(None)
+
+    def _attemptFailed(self, failure: Failure) -> None:
+        self._attempt = None
+        if self._closing:
+            return
+        if not self._wasOnline:
+            self._setStatus("offline")
+            if self._first is not None and not self._first.called:
+                self._first.errback(failure)
+            return
+        refused = failure.value if isinstance(failure.value, RelayRefused) else None
+        if refused is not None and refused.status == 404:
+            log.error(
+                "the relay has no entity {entity}; the listener stops: {reason}",
+                entity=self.entity,
+                reason=refused.reason,
+            )
+            self._setStatus("offline")
+            return
+        delay = self._retryPolicy(self._failures)
+        self._failures += 1
+        log.warn(
+            "listener {entity} could not reconnect ({reason}); next attempt in {delay:.1f} s",
+            entity=self.entity,
+            reason=failure.getErrorMessage(),
+            delay=delay,
+        )
+        self._scheduleRetry(delay)
+
+    def _scheduleRetry(self, delay: float) -> None:
+        self._cancelRetry()
+        self._retryCall = self.reactor.callLater(max(0.0, delay), self._tryConnecting)
+
+    def _cancelRetry(self) -> None:
+        if self._retryCall is not None:
+            if self._retryCall.active():
+                self._retryCall.cancel()
+            self._retryCall = None
+
+    def _controlClosed(self, proto: _ControlChannel, code: int | None, reason: str | None) -> None:
+        if self._control is not proto:
+            return
+        self._control = None
+        self._pendingBody = None
+        self._cancelRenewal()
+        lost = Failure(ConnectionLost("The control channel closed."))
+        for request in list(self._inFlight):
+            request._lose(lost)
+        if not proto.wasOpen or self._closing:
+            return
+        log.warn("the relay closed the control channel: {code} {reason}", code=code, reason=reason)
+        if self._reconnect:
+            self._setStatus("reconnecting")
+            self._scheduleRetry(self._retryPolicy(0))
+            self._failures = 1
+        else:
+            self._setStatus("offline")
 
     # Connections.
 
@@ -1022,16 +1372,7 @@ class HttpListener:
         return factory
 
     def _endpoint(self, url: str) -> IStreamClientEndpoint:
-        parts = urlsplit(url)
-        secure = parts.scheme.lower() in ("wss", "https")
-        host = parts.hostname or ""
-        port = parts.port or (443 if secure else 80)
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
-        if secure:
-            from twisted.internet.ssl import optionsForClientTLS
-
-            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self._trustRoot), endpoint)
-        return endpoint
+        return relayEndpoint(self.reactor, url, self._trustRoot, CONNECT_TIMEOUT)
 
     async def _connect(self, url: str, factory: WebSocketClientFactory) -> None:
         connecting = self._endpoint(url).connect(factory)
@@ -1047,7 +1388,7 @@ class HttpListener:
         """
         return Deferred.fromCoroutine(self._rendezvousTo(address, proto))
 
-    async def _rendezvousTo(self, address: str, proto: _Rendezvous) -> None:
+    async def _rendezvousTo(self, address: str, proto: _Client) -> None:
         if self._closing:
             raise ConnectionAborted("The listener is closing.")
         factory = self._factory(address, proto, None, RENDEZVOUS_TIMEOUT)
@@ -1063,8 +1404,95 @@ class HttpListener:
         if not failure.check(CancelledError):
             log.failure("could not open the rendezvous of a request", failure)
 
-    def _rendezvousClosed(self, proto: _Rendezvous) -> None:
+    def _rendezvousClosed(self, proto: _Client) -> None:
         self._rendezvous.discard(proto)
+
+    # Accepting and rejecting senders.
+
+    def _acceptCommand(self, command: Any) -> None:
+        request = AcceptRequest.fromCommand(command) if isinstance(command, dict) else None
+        if request is None:
+            log.warn("ignored an accept command without a usable address")
+            return
+        Deferred.fromCoroutine(self._accept(request)).addErrback(self._acceptFailed, request)
+
+    def _acceptFailed(self, failure: Failure, request: AcceptRequest) -> None:
+        if failure.check(CancelledError):
+            return
+        if failure.check(RelayRefused, RelayConnectError, ConnectionAborted):
+            log.info("could not answer sender {id}: {reason}", id=request.id, reason=failure.getErrorMessage())
+        else:
+            log.failure("could not answer sender {id}", failure, id=request.id)
+
+    async def _decide(self, request: AcceptRequest) -> tuple[int, str] | None:
+        """
+        The accept handler's decision: L{None} to accept, or the status and
+        reason to reject with.
+        """
+        if self._streamFactory is None:
+            return (404, "This listener takes no streams")
+        if self._acceptHandler is None:
+            return None
+        try:
+            decision: Any = await maybeDeferred(self._acceptHandler, request)
+        except Exception:
+            log.failure("the accept handler failed on {id}", id=request.id)
+            return (502, "The listener's accept handler failed.")
+        if decision is True:
+            return None
+        if decision is False or decision is None:
+            return (400, "Rejected by user code")
+        if (
+            isinstance(decision, tuple)
+            and len(decision) == 2
+            and isinstance(decision[0], int)
+            and not isinstance(decision[0], bool)
+            and 100 <= decision[0] <= 999
+        ):
+            return (decision[0], str(decision[1]))
+        log.error("the accept handler returned {decision!r}, not a bool or (status, reason)", decision=decision)
+        return (502, "The listener's accept handler failed.")
+
+    async def _accept(self, request: AcceptRequest) -> None:
+        rejection = await self._decide(request)
+        if self._closing:
+            return
+        if rejection is None:
+            await self._acceptStream(request)
+        else:
+            await self._reject(request, *rejection)
+
+    async def _acceptStream(self, request: AcceptRequest) -> None:
+        host = RelayAddress(self.baseUrl, self.entity)
+        peer = RelayAddress(self.baseUrl, self.entity, request.remote)
+        proto = _AcceptedStream(self, host, peer)
+        protocols = request.subprotocols[:1]
+        factory = makeStreamFactory(request.address, proto, self.reactor, None, protocols, RENDEZVOUS_TIMEOUT)
+        self._streams.add(proto)
+        try:
+            await self._connect(request.address, factory)
+        except BaseException:
+            self._streams.discard(proto)
+            raise
+        await proto.opened
+        log.debug("accepted sender {id}", id=request.id)
+
+    async def _reject(self, request: AcceptRequest, status: int, reason: str) -> None:
+        joiner = "&" if "?" in request.address else "?"
+        url = (
+            f"{request.address}{joiner}sb-hc-statusCode={status}"
+            f"&sb-hc-statusDescription={quote(reason, safe='')}"
+        )
+        proto = _RejectSocket(self)
+        try:
+            await self._rendezvousTo(url, proto)
+        except RelayRefused as e:
+            if e.status == 410:
+                log.debug("rejected sender {id} with {status}", id=request.id, status=status)
+                return
+            raise
+        # The relay should have said 410; whatever it is, it is done with.
+        proto.sendClose(NORMAL_CLOSURE)
 
     # The control channel.
 
@@ -1110,7 +1538,7 @@ class HttpListener:
             else:
                 self._requestCommand(request, None)
         elif "accept" in message:
-            log.debug("ignored an accept command: this listener serves HTTP only")
+            self._acceptCommand(message["accept"])
         else:
             log.debug("ignored a control command: {names}", names=",".join(map(str, message))[:100])
 
@@ -1149,18 +1577,20 @@ class HttpListener:
             return None
         rawHeaders = command.get("requestHeaders")
         headers = [(str(k), str(v)) for k, v in rawHeaders.items()] if isinstance(rawHeaders, dict) else []
-        endpoint = command.get("remoteEndpoint")
-        remote = None
-        if isinstance(endpoint, dict) and isinstance(endpoint.get("address"), str):
-            try:
-                remote = (endpoint["address"], int(endpoint.get("port") or 0))
-            except (TypeError, ValueError):
-                remote = (endpoint["address"], 0)
         address = command.get("address")
         if not isinstance(address, str):
             address = rendezvous.factory.url if rendezvous is not None else ""
         return RelayedHttpRequest(
-            self, str(requestId), address, method, target, headers, remote, body, bodyLength, rendezvous
+            self,
+            str(requestId),
+            address,
+            method,
+            target,
+            headers,
+            _remote(command.get("remoteEndpoint")),
+            body,
+            bodyLength,
+            rendezvous,
         )
 
     def _handle(self, request: RelayedHttpRequest) -> None:
@@ -1173,18 +1603,6 @@ class HttpListener:
     def _forget(self, request: RelayedHttpRequest) -> None:
         self._inFlight.discard(request)
 
-    def _controlClosed(self, proto: _ControlChannel, code: int | None, reason: str | None) -> None:
-        if self._control is not proto:
-            return
-        self._control = None
-        self._pendingBody = None
-        self._cancelRenewal()
-        if proto.wasOpen and not self._closing:
-            log.warn("the relay closed the control channel: {code} {reason}", code=code, reason=reason)
-        lost = Failure(ConnectionLost("The control channel closed."))
-        for request in list(self._inFlight):
-            request._lose(lost)
-
     # Token renewal.
 
     def _renewDelay(self, token: str) -> float:
@@ -1192,7 +1610,7 @@ class HttpListener:
             lifetime = SasToken.parse(token).expiry - self.reactor.seconds()
         except Exception:
             return self._renewInterval
-        return max(MIN_RENEW_DELAY, min(self._renewInterval, lifetime * 0.9))
+        return max(MIN_RENEW_FLOOR, min(self._renewInterval, lifetime * 0.9))
 
     def _scheduleRenewal(self, token: str) -> None:
         self._cancelRenewal()
@@ -1203,15 +1621,37 @@ class HttpListener:
             if self._renewCall.active():
                 self._renewCall.cancel()
             self._renewCall = None
+        if self._renewing is not None:
+            renewing, self._renewing = self._renewing, None
+            renewing.cancel()
 
     def _renew(self) -> None:
         self._renewCall = None
+        renewing = Deferred.fromCoroutine(self._renewWith(self._control))
+        if not renewing.called:
+            self._renewing = renewing
+
+    async def _renewWith(self, control: _ControlChannel | None) -> None:
         try:
-            token = self._tokenProvider()
+            token = await getToken(self._tokenProvider, self.resourceUri)
+        except CancelledError:
+            return
         except Exception:
-            log.failure("could not make a token to renew with")
-            self._renewCall = self.reactor.callLater(MIN_RENEW_DELAY * 12, self._renew)
+            log.failure("could not get a token to renew with")
+            if self._control is control and control is not None:
+                self._renewing = None
+                self._renewCall = self.reactor.callLater(MIN_RENEW_DELAY * 12, self._renew)
+            return
+        self._renewing = None
+        if self._control is not control:
             return
         if self._sendControl({"renewToken": {"token": token}}):
             log.debug("renewed the token of {entity}", entity=self.entity)
             self._scheduleRenewal(token)
+
+
+class HttpListener(HybridListener):
+    """
+    A L{HybridListener} for relayed HTTP requests, called as before:
+    C{HttpListener(reactor, baseUrl, entity, tokenProvider, handler, ...)}.
+    """

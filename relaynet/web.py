@@ -2,7 +2,7 @@
 """
 Relayed HTTP requests served by any C{twisted.web} resource or site.
 
-L{WebListener} listens on a hybrid connection with an L{HttpListener} and
+L{WebListener} listens on a hybrid connection with a L{HybridListener} and
 turns each relayed request into an ordinary L{twisted.web.server.Request}
 of the given L{Site}: a WSGI application behind
 L{twisted.web.wsgi.WSGIResource}, a static directory, or your own resources
@@ -60,7 +60,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from relaynet.auth import mintToken
-from relaynet.listener import HttpListener, RelayedHttpRequest
+from relaynet.listener import HybridListener, RelayedHttpRequest
+from relaynet.tokens import TokenProvider
 
 __all__ = ["WebListener", "sasHeaders"]
 
@@ -108,7 +109,8 @@ class WebListener:
     Serve a hybrid connection's HTTP requests with a C{twisted.web} site.
 
     @ivar site: the site requests go to.
-    @ivar listener: the L{HttpListener} underneath.
+    @ivar listener: the L{HybridListener} underneath: its C{status}, and
+        its reconnecting, are the web listener's.
     """
 
     def __init__(
@@ -116,20 +118,23 @@ class WebListener:
         reactor: Any,
         baseUrl: str,
         entity: str,
-        tokenProvider: Callable[[], str],
+        tokenProvider: TokenProvider,
         siteOrResource: Site | IResource,
         **listenerOptions: Any,
     ) -> None:
         """
-        @param reactor: as for L{HttpListener}.
+        @param reactor: as for L{HybridListener}.
         @param baseUrl: the relay, such as C{ws://127.0.0.1:9090}.
         @param entity: the hybrid connection's name.
-        @param tokenProvider: returns a SAS token with the Listen right.
+        @param tokenProvider: a L{relaynet.tokens.TokenProvider} whose tokens
+            have the Listen right, such as L{relaynet.tokens.fromKey}.
         @param siteOrResource: a L{Site}, or the root resource of a new one.
-        @param listenerOptions: more keyword arguments for L{HttpListener}.
+        @param listenerOptions: more keyword arguments for
+            L{HybridListener}: C{onStatus}, C{reconnect}, C{trustRoot},
+            C{streamFactory} (to take WebSocket senders as well), ...
         """
         self.site = siteOrResource if isinstance(siteOrResource, Site) else Site(siteOrResource, reactor=reactor)
-        self.listener = HttpListener(reactor, baseUrl, entity, tokenProvider, self, **listenerOptions)
+        self.listener = HybridListener(reactor, baseUrl, entity, tokenProvider, self, **listenerOptions)
         self._mount = [_encode(segment).lower() for segment in self.listener.entity.split("/")]
         parts = urlsplit(baseUrl)
         self._secure = parts.scheme.lower() in ("wss", "https")

@@ -11,7 +11,7 @@ from twisted.internet.task import react
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from relaynet.listener import sasTokenProvider
+from relaynet.tokens import fromKey
 from relaynet.web import WebListener
 
 
@@ -38,7 +38,7 @@ async def main(reactor, connectionString, entity):
     root = Resource()
     root.putChild(b"", Data(b"the front page\n", "text/plain"))
     root.putChild(b"hello", Hello())
-    tokens = sasTokenProvider(f"http://{hostPort}/{entity}", keyName, key, reactor)
+    tokens = fromKey(keyName, key, reactor)
     web = WebListener(reactor, f"ws://{hostPort}", entity, tokens, root)
     await web.listen()
     reactor.addSystemEventTrigger("before", "shutdown", web.close)

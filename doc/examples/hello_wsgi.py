@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
 from twisted.web.wsgi import WSGIResource
 
-from relaynet.listener import sasTokenProvider
+from relaynet.tokens import fromKey
 from relaynet.web import WebListener
 
 
@@ -35,7 +35,7 @@ def parseConnectionString(text):
 async def main(reactor, connectionString, entity):
     hostPort, keyName, key = parseConnectionString(connectionString)
     resource = WSGIResource(reactor, reactor.getThreadPool(), application)
-    tokens = sasTokenProvider(f"http://{hostPort}/{entity}", keyName, key, reactor)
+    tokens = fromKey(keyName, key, reactor)
     web = WebListener(reactor, f"ws://{hostPort}", entity, tokens, resource)
     await web.listen()
     reactor.addSystemEventTrigger("before", "shutdown", web.close)

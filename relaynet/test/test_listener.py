@@ -17,10 +17,17 @@ import json
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+)
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -30,12 +37,16 @@ from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
 from relaynet.listener import (
     CONTROL_BODY_LIMIT,
     FLUSH_DELAY,
+    AcceptRequest,
     HttpListener,
+    HybridListener,
     RelayedHttpRequest,
     RelayRefused,
+    defaultRetryPolicy,
     readBody,
     sasTokenProvider,
 )
+from relaynet.streams import RelayAddress
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = "c2VjcmV0LWtleS1mb3ItbGlzdGVuZXItdGVzdHMtMTI="
@@ -187,11 +198,13 @@ class RelaySide:
                 return value.strip()
         return None
 
-    def handshake(self, status: int = 101, reason: str = "Switching Protocols") -> None:
+    def handshake(self, status: int = 101, reason: str = "Switching Protocols", protocol: str | None = None) -> None:
         if status == 101:
             key = self.header("Sec-WebSocket-Key") or ""
             accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
             lines = ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Accept: {accept}"]
+            if protocol is not None:
+                lines.append(f"Sec-WebSocket-Protocol: {protocol}")
         else:
             lines = ["Content-Length: 0"]
         response = "\r\n".join([f"HTTP/1.1 {status} {reason}", *lines]) + "\r\n\r\n"
@@ -281,10 +294,13 @@ class Harness:
         self.handler = handler if handler is not None else Recorder()
         self.ttl = ttl
         self.tokens: list[str] = []
+        self.resources: list[str] = []
+        kwargs.setdefault("pingInterval", 0)  # RelaySide answers no pings
         self.listener = HttpListener(self.reactor, base, entity, self.token, self.handler, **kwargs)
 
-    def token(self) -> str:
-        token = mintToken(RESOURCE, KEY_NAME, KEY, int(self.reactor.seconds()) + self.ttl)
+    def token(self, resource: str) -> str:
+        self.resources.append(resource)
+        token = mintToken(resource, KEY_NAME, KEY, int(self.reactor.seconds()) + self.ttl)
         self.tokens.append(token)
         return token
 
@@ -387,7 +403,7 @@ class ListenTests(SynchronousTestCase):
         """
         reactor = MemoryReactorClock()
         listener = HttpListener(
-            reactor, "wss://ns.servicebus.windows.net/", "/a/b/", lambda: "t", Recorder(), listenerId="i"
+            reactor, "wss://ns.servicebus.windows.net/", "/a/b/", lambda resource: "t", Recorder(), listenerId="i"
         )
         self.assertEqual(listener.controlUrl, "wss://ns.servicebus.windows.net/$hc/a/b?sb-hc-action=listen&sb-hc-id=i")
         listener.listen()
@@ -507,7 +523,7 @@ class RenewTests(SynchronousTestCase):
         self.assertEqual(len(self.renewals(control)), 1)
 
     def test_noRenewalAfterClose(self) -> None:
-        h = Harness(tokenRenewInterval=100)
+        h = Harness(tokenRenewInterval=100, reconnect=False)
         control = h.listen()
         control.drop()
         h.reactor.advance(1000)
@@ -521,8 +537,9 @@ class RenewTests(SynchronousTestCase):
         """
         clock = MemoryReactorClock()
         clock.advance(NOW)
-        provide = sasTokenProvider(RESOURCE, KEY_NAME, KEY, clock, ttl=60)
-        token = provide()
+        provide = sasTokenProvider(KEY_NAME, KEY, clock, ttl=60)
+        token = provide(RESOURCE)
+        assert isinstance(token, str)
         authorizer = Authorizer([Rule(KEY_NAME, KEY)])
         checked = authorizer.authorize(token, "relay.test:9090", "hyco", Rights.LISTEN, NOW)
         self.assertEqual(checked.expiry, NOW + 60)
@@ -731,13 +748,12 @@ class ControlChannelRequestTests(SynchronousTestCase):
 
     def test_ignored(self) -> None:
         """
-        C{accept}, unknown commands, text that is not JSON and stray empty
-        binary messages are ignored.
+        Unknown commands, text that is not JSON, stray empty binary
+        messages and an C{accept} without an address are ignored.
         """
         h = Harness()
         control = h.listen()
-        control.sendJson({"accept": {"address": "ws://relay.test:9090/$hc/hyco?sb-hc-action=accept&sb-hc-id=1",
-                                     "id": "1", "connectHeaders": {}, "remoteEndpoint": SENDER}})
+        control.sendJson({"accept": {"id": "1", "connectHeaders": {}, "remoteEndpoint": SENDER}})
         control.sendJson({"message": "hi"})
         control.sendJson(["not", "an", "object"])
         control.send(TEXT, b"not json")
@@ -1215,3 +1231,579 @@ class RendezvousRequestTests(SynchronousTestCase):
         request.respond(200)
         request.finish()
         self.assertEqual(response(rendezvous)["statusCode"], 200)
+
+
+def acceptCommand(
+    connectionId: str = "c1",
+    path: str = "hyco/room1",
+    query: str = "tenant=7&",
+    headers: dict[str, str] | None = None,
+    remote: dict[str, Any] | None = SENDER,
+) -> dict[str, Any]:
+    """
+    An C{accept} command, as the relay sends it.
+    """
+    command: dict[str, Any] = {
+        "address": f"{BASE}/$hc/{path}?{query}sb-hc-action=accept&sb-hc-id={connectionId}",
+        "id": connectionId,
+        "connectHeaders": headers
+        if headers is not None
+        else {"Host": "relay.test:9090", "Sec-WebSocket-Key": "l8fWd829IrZbEqUcLejv+Q==", "Sec-WebSocket-Version": "13"},
+    }
+    if remote is not None:
+        command["remoteEndpoint"] = remote
+    return {"accept": command}
+
+
+class StatusHarness(Harness):
+    """
+    A L{Harness} that keeps the status changes, with back-off without
+    jitter: 0, 1.5, 2.5, 4.5, 8.5, 16.5, 30.5, 30.5 ...
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.statuses: list[str] = []
+        kwargs.setdefault("retryPolicy", defaultRetryPolicy(jitter=lambda: 0.5))
+        super().__init__(onStatus=self.statuses.append, **kwargs)
+
+    def attempts(self) -> int:
+        return len(self.reactor.tcpClients)
+
+
+class ReconnectTests(SynchronousTestCase):
+    """
+    The listener stays online: it reconnects when the control channel drops,
+    with back-off between failed attempts and a fresh token for each.
+    """
+
+    def test_statusCallbacks(self) -> None:
+        h = StatusHarness()
+        self.assertEqual(h.listener.status, "offline")
+        listening = h.start()
+        self.assertEqual((h.statuses, h.listener.status), (["connecting"], "connecting"))
+        h.connection().handshake()
+        self.successResultOf(listening)
+        self.assertEqual(h.statuses, ["connecting", "online"])
+        h.listener.close()
+        self.assertEqual(h.statuses, ["connecting", "online", "offline"])
+
+    def test_reconnectAfterDrop(self) -> None:
+        """
+        A dropped control channel is reopened at once, with the same
+        C{sb-hc-id} and a fresh token for the entity's resource URI.
+        """
+        h = StatusHarness(listenerId="7a3c")
+        control = h.listen()
+        control.drop()
+        self.assertEqual(h.statuses, ["connecting", "online", "reconnecting"])
+        self.assertFalse(h.listener.listening)
+        h.settle()
+        again = h.connection()
+        self.assertEqual(again.requestLine, "GET /$hc/hyco?sb-hc-action=listen&sb-hc-id=7a3c HTTP/1.1")
+        self.assertEqual(again.header("ServiceBusAuthorization"), h.tokens[1])
+        self.assertEqual(h.resources, [RESOURCE, RESOURCE])
+        again.handshake()
+        self.assertEqual(h.statuses, ["connecting", "online", "reconnecting", "online"])
+        self.assertTrue(h.listener.listening)
+
+    def test_relayClosesWithCode(self) -> None:
+        """
+        A relay that closes the control channel (1008: token expired; 1011:
+        the daily recycle) is reconnected to.
+        """
+        for code in (1001, 1008, 1011):
+            h = StatusHarness()
+            control = h.listen()
+            control.send(CLOSE, code.to_bytes(2, "big") + b"NameRenewalFailed")
+            control.transport.gone(ConnectionDone())
+            self.assertEqual(h.listener.status, "reconnecting")
+            h.settle()
+            h.connection().handshake()
+            self.assertEqual(h.listener.status, "online")
+
+    def test_backoff(self) -> None:
+        """
+        Failed attempts are spaced 0, 1, 2, 4, 8, 16, then 30 seconds (plus
+        jitter) apart, 401 and 403 included.
+        """
+        h = StatusHarness()
+        h.listen().drop()
+        delays = []
+        refusals = [(503, "Busy"), (401, "Unauthorized"), (403, "Forbidden"), (500, "Oops")] * 2
+        for status, reason in refusals:
+            before = h.reactor.seconds()
+            h.settle()
+            while not h.attempts():
+                h.reactor.advance(0.5)
+            delays.append(h.reactor.seconds() - before)
+            h.connection().handshake(status, reason)
+            h.settle()
+            self.assertEqual(h.listener.status, "reconnecting")
+        self.assertEqual(delays, [0, 1.5, 2.5, 4.5, 8.5, 16.5, 30.5, 30.5])
+
+    def test_backoffResetsAfterSuccess(self) -> None:
+        h = StatusHarness()
+        h.listen().drop()
+        h.settle()
+        h.connection().handshake(503, "Busy")
+        h.settle()
+        h.reactor.advance(1.5)
+        h.connection().handshake()
+        self.assertEqual(h.listener.status, "online")
+        h.listener._control.transport.loseConnection()  # type: ignore[union-attr]
+        h.settle()
+        self.assertEqual(h.listener.status, "reconnecting")
+        h.settle()
+        self.assertEqual(h.attempts(), 1)
+
+    def test_neverTwoControlChannels(self) -> None:
+        """
+        An attempt that hangs is the only one until its handshake times out.
+        """
+        h = StatusHarness()
+        h.listen().drop()
+        h.settle()
+        hanging = h.connection()
+        h.reactor.advance(29)
+        self.assertEqual(h.attempts(), 0)
+        h.reactor.advance(1)  # the handshake timeout
+        h.settle()
+        self.assertTrue(hanging.transport.disconnecting or not hanging.transport.connected)
+        self.assertEqual(h.attempts(), 0)
+        h.reactor.advance(1.5)
+        self.assertEqual(h.attempts(), 1)
+
+    def test_stopOn404(self) -> None:
+        """
+        The relay saying the entity does not exist ends the reconnecting,
+        with an error in the log.
+        """
+        h = StatusHarness()
+        h.listen().drop()
+        h.settle()
+        with capturedLogs() as events:
+            h.connection().handshake(404, "The entity does not exist")
+            h.settle()
+        self.assertEqual(h.statuses[-1], "offline")
+        self.assertTrue([e for e in events if e["log_level"].name == "error" and e.get("entity") == "hyco"])
+        h.reactor.advance(3600)
+        self.assertEqual(h.attempts(), 0)
+
+    def test_firstAttemptIsNotRetried(self) -> None:
+        h = StatusHarness()
+        listening = h.start()
+        h.connection().handshake(503, "Busy")
+        h.settle()
+        failure = self.failureResultOf(listening, RelayRefused)
+        self.assertEqual(failure.value.status, 503)
+        self.assertEqual(h.statuses, ["connecting", "offline"])
+        h.reactor.advance(3600)
+        self.assertEqual(h.attempts(), 0)
+
+    def test_noReconnect(self) -> None:
+        h = StatusHarness(reconnect=False)
+        h.listen().drop()
+        h.reactor.advance(60)
+        self.assertEqual((h.statuses[-1], h.attempts()), ("offline", 0))
+
+    def test_closeWhileWaiting(self) -> None:
+        h = StatusHarness()
+        h.listen().drop()
+        h.settle()
+        h.connection().handshake(503, "Busy")
+        h.settle()
+        self.successResultOf(h.listener.close())
+        self.assertEqual(h.statuses[-1], "offline")
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_closeWhileConnecting(self) -> None:
+        h = StatusHarness()
+        listening = h.start()
+        side = h.connection()
+        closing = h.listener.close()
+        h.settle()
+        self.failureResultOf(listening, CancelledError)
+        self.assertTrue(side.transport.aborted)
+        self.successResultOf(closing)
+        self.assertEqual(h.statuses, ["connecting", "offline"])
+
+    def test_asyncTokenProvider(self) -> None:
+        """
+        A token provider may answer later, with a L{Deferred}.
+        """
+        reactor = MemoryReactorClock()
+        asked: list[tuple[str, Deferred[str]]] = []
+
+        def provide(resource: str) -> Deferred[str]:
+            d: Deferred[str] = Deferred()
+            asked.append((resource, d))
+            return d
+
+        listener = HybridListener(reactor, "ws://relay.test:9090/", "hyco", provide, Recorder(), pingInterval=0)
+        listening = listener.listen()
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(asked[0][0], RESOURCE)
+        asked[0][1].callback("SharedAccessSignature sr=x&sig=y&se=1&skn=z")
+        side = RelaySide(reactor, *reactor.tcpClients[0][:3])
+        self.assertEqual(side.header("ServiceBusAuthorization"), "SharedAccessSignature sr=x&sig=y&se=1&skn=z")
+        side.handshake()
+        self.successResultOf(listening)
+
+    def test_tokenProviderFails(self) -> None:
+        """
+        A provider that fails: the first time C{listen()} fails; when
+        reconnecting, the attempt is retried after the back-off.
+        """
+        h = StatusHarness()
+        broken = [True]
+        token = h.token
+
+        def flaky(resource: str) -> str:
+            if broken[0]:
+                raise RuntimeError("the vault is down")
+            return token(resource)
+
+        h.listener._tokenProvider = flaky
+        self.failureResultOf(h.start(), RuntimeError)
+
+        h = StatusHarness()
+        token = h.token
+        h.listener._tokenProvider = flaky
+        broken[0] = False
+        h.listen().drop()
+        broken[0] = True
+        h.settle()
+        self.assertEqual(h.attempts(), 0)
+        broken[0] = False
+        h.reactor.advance(1.5)
+        h.connection().handshake()
+        self.assertEqual(h.listener.status, "online")
+
+    def test_defaultRetryPolicy(self) -> None:
+        policy = defaultRetryPolicy()
+        self.assertEqual(policy(0), 0)
+        for attempt, low in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 16), (6, 30), (50, 30)]:
+            self.assertTrue(low <= policy(attempt) <= low + 1, (attempt, policy(attempt)))
+
+
+class KeepAliveTests(SynchronousTestCase):
+    def test_pingsEveryInterval(self) -> None:
+        """
+        The listener pings every C{pingInterval}; an answered ping keeps
+        the channel.
+        """
+        h = StatusHarness(pingInterval=30)
+        control = h.listen()
+        h.reactor.advance(30)
+        pings = [p for _, opcode, p in control.frames() if opcode == PING]
+        self.assertEqual(len(pings), 1)
+        control.send(PONG, pings[0])
+        h.reactor.advance(40)
+        self.assertTrue(h.listener.listening)
+        self.assertEqual(len([f for f in control.frames() if f[1] == PING]), 2)
+
+    def test_unansweredPingReconnects(self) -> None:
+        h = StatusHarness(pingInterval=30, pingTimeout=10)
+        control = h.listen()
+        h.reactor.advance(30)
+        h.reactor.advance(10)
+        h.settle()
+        self.assertTrue(control.transport.aborted or not control.transport.connected)
+        self.assertEqual(h.statuses[-1], "reconnecting")
+        h.settle()
+        self.assertEqual(h.attempts(), 1)
+
+    def test_answersRelayPings(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.send(PING, b"are you there")
+        self.assertIn((True, PONG, b"are you there"), control.frames())
+
+
+class RenewAfterReconnectTests(SynchronousTestCase):
+    def renewals(self, control: RelaySide) -> list[str]:
+        return [c["renewToken"]["token"] for c in control.commands() if "renewToken" in c]
+
+    def test_renewalPastExpiry(self) -> None:
+        """
+        Each token is replaced before it expires, again and again, long past
+        the first token's expiry.
+        """
+        h = Harness(ttl=10)
+        control = h.listen()
+        for _ in range(100):
+            h.reactor.advance(0.5)
+            current = ([h.tokens[0]] + self.renewals(control))[-1]
+            self.assertGreater(SasToken.parse(current).expiry, h.reactor.seconds())
+        self.assertGreaterEqual(len(self.renewals(control)), 5)
+        self.assertTrue(h.listener.listening)
+
+    def test_shortLivedToken(self) -> None:
+        h = Harness(ttl=2)
+        control = h.listen()
+        h.reactor.advance(1.7)
+        self.assertEqual(self.renewals(control), [])
+        h.reactor.advance(0.1)
+        self.assertEqual(len(self.renewals(control)), 1)
+
+    def test_renewalAfterReconnect(self) -> None:
+        h = Harness(tokenRenewInterval=100)
+        first = h.listen()
+        h.reactor.advance(50)
+        first.drop()
+        h.settle()
+        second = h.connection()
+        second.handshake()
+        h.reactor.advance(99)
+        self.assertEqual(self.renewals(second), [])
+        h.reactor.advance(1)
+        self.assertEqual(self.renewals(second), [h.tokens[2]])
+        self.assertEqual(self.renewals(first), [])
+
+    def test_asyncRenewalLostWithTheChannel(self) -> None:
+        """
+        A renewal whose token comes after the channel it was for closed is
+        not sent on the next channel.
+        """
+        h = Harness(tokenRenewInterval=100)
+        pending: list[Deferred[str]] = []
+        control = h.listen()
+        def provide(resource: str) -> Deferred[str]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        h.listener._tokenProvider = provide
+        h.reactor.advance(100)
+        self.assertEqual(len(pending), 1)
+        control.drop()
+        h.settle()
+        pending[0].callback("SharedAccessSignature late")
+        self.assertEqual(self.renewals(control), [])
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+class Kept(Echo):
+    instances: list[Kept] = []
+
+    def connectionMade(self) -> None:
+        Kept.instances.append(self)
+
+
+class Refusing(Factory):
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+def ours(events: Any) -> list[Any]:
+    return [e for e in events if str(e.get("log_namespace", "")).startswith("relaynet")]
+
+
+class StreamHarness(Harness):
+    def __init__(self, acceptHandler: Any = None, **kwargs: Any) -> None:
+        Kept.instances = []
+        self.seen: list[AcceptRequest] = []
+        self.decision = acceptHandler
+
+        def decide(request: AcceptRequest) -> Any:
+            self.seen.append(request)
+            return self.decision(request) if callable(self.decision) else self.decision
+
+        kwargs.setdefault("streamFactory", Factory.forProtocol(Kept))
+        super().__init__(acceptHandler=decide if acceptHandler is not None else None, **kwargs)
+
+
+class AcceptTests(SynchronousTestCase):
+    """
+    C{accept} commands: senders accepted into a protocol from the
+    C{streamFactory}, or rejected.
+    """
+
+    def test_acceptRequest(self) -> None:
+        h = StreamHarness(True)
+        control = h.listen()
+        headers = {"Host": "relay.test:9090", "Sec-WebSocket-Protocol": "chat.v2, chat.v1", "X-Custom": "abc"}
+        control.sendJson(acceptCommand(headers=headers))
+        [request] = h.seen
+        self.assertEqual(request.id, "c1")
+        self.assertEqual(request.address, f"{BASE}/$hc/hyco/room1?tenant=7&sb-hc-action=accept&sb-hc-id=c1")
+        self.assertEqual(request.headers, headers)
+        self.assertEqual(request.getHeader("x-custom"), "abc")
+        self.assertEqual(request.remote, ("198.51.100.4", 61544))
+        self.assertEqual(request.target, "/hyco/room1?tenant=7")
+        self.assertEqual(request.subprotocols, ["chat.v2", "chat.v1"])
+
+    def test_targetWithoutQuery(self) -> None:
+        request = AcceptRequest.fromCommand(acceptCommand(path="a/b", query="", remote=None)["accept"])
+        assert request is not None
+        self.assertEqual((request.target, request.remote, request.subprotocols), ("/a/b", None, []))
+
+    def test_acceptOpensStream(self) -> None:
+        """
+        An accepted sender: the listener opens a WebSocket to the address
+        without a token, asking for the first subprotocol offered; the
+        protocol's transport knows both ends, and bytes go both ways.
+        """
+        h = StreamHarness()
+        control = h.listen()
+        control.sendJson(acceptCommand(headers={"Sec-WebSocket-Protocol": "chat.v2, chat.v1"}))
+        leg = h.connection()
+        self.assertEqual(leg.requestLine, "GET /$hc/hyco/room1?tenant=7&sb-hc-action=accept&sb-hc-id=c1 HTTP/1.1")
+        self.assertEqual(leg.header("Sec-WebSocket-Protocol"), "chat.v2")
+        self.assertIsNone(leg.header("ServiceBusAuthorization"))
+        self.assertEqual(Kept.instances, [])
+        leg.handshake(protocol="chat.v2")
+        [proto] = Kept.instances
+        assert proto.transport is not None
+        self.assertEqual(proto.transport.getPeer(), RelayAddress(BASE, "hyco", ("198.51.100.4", 61544)))
+        self.assertEqual(proto.transport.getHost(), RelayAddress(BASE, "hyco"))
+        leg.send(BINARY, b"ping")
+        self.assertEqual(leg.messages(), [(BINARY, b"ping")])
+
+    def test_noSubprotocol(self) -> None:
+        h = StreamHarness()
+        h.listen().sendJson(acceptCommand())
+        self.assertIsNone(h.connection().header("Sec-WebSocket-Protocol"))
+
+    def reject(self, decision: Any) -> tuple[StreamHarness, RelaySide]:
+        h = StreamHarness(decision)
+        h.listen().sendJson(acceptCommand())
+        return h, h.connection()
+
+    def test_rejectWithStatus(self) -> None:
+        h, side = self.reject((451, "Not here"))
+        self.assertEqual(
+            side.requestLine,
+            "GET /$hc/hyco/room1?tenant=7&sb-hc-action=accept&sb-hc-id=c1"
+            "&sb-hc-statusCode=451&sb-hc-statusDescription=Not%20here HTTP/1.1",
+        )
+        with capturedLogs() as events:
+            side.handshake(410, "Gone")
+            h.settle()
+        self.assertEqual([e for e in ours(events) if e["log_level"].name in ("warn", "error", "critical")], [])
+        self.assertEqual(Kept.instances, [])
+
+    def test_rejectFalse(self) -> None:
+        h, side = self.reject(False)
+        self.assertIn("&sb-hc-statusCode=400&sb-hc-statusDescription=Rejected%20by%20user%20code ", side.requestLine)
+
+    def test_handlerRaises(self) -> None:
+        def broken(request: AcceptRequest) -> bool:
+            raise ZeroDivisionError()
+
+        h, side = self.reject(broken)
+        self.assertIn(
+            "&sb-hc-statusCode=502&sb-hc-statusDescription=The%20listener%27s%20accept%20handler%20failed.", side.requestLine
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_handlerReturnsNonsense(self) -> None:
+        h, side = self.reject((42, "no"))
+        self.assertIn("&sb-hc-statusCode=502&", side.requestLine)
+
+    def test_asyncHandler(self) -> None:
+        decided: Deferred[Any] = Deferred()
+        h = StreamHarness(lambda request: decided)
+        h.listen().sendJson(acceptCommand())
+        self.assertEqual(h.reactor.tcpClients, [])
+        decided.callback((403, "Nope"))
+        self.assertIn("&sb-hc-statusCode=403&sb-hc-statusDescription=Nope ", h.connection().requestLine)
+
+    def test_coroutineHandler(self) -> None:
+        async def decide(request: AcceptRequest) -> bool:
+            return request.remote is not None
+
+        h = StreamHarness(decide)
+        h.listen().sendJson(acceptCommand())
+        self.assertNotIn("statusCode", h.connection().requestLine)
+
+    def test_noStreamFactory(self) -> None:
+        """
+        A listener without a C{streamFactory} takes no streams.
+        """
+        h = Harness()
+        h.listen().sendJson(acceptCommand())
+        self.assertIn("&sb-hc-statusCode=404&sb-hc-statusDescription=This%20listener%20takes%20no%20streams ", h.connection().requestLine)
+
+    def test_senderGone(self) -> None:
+        """
+        A sender that is gone by the time of the accept (the relay says
+        404) costs an info line, not an error.
+        """
+        h = StreamHarness()
+        h.listen().sendJson(acceptCommand())
+        with capturedLogs() as events:
+            h.connection().handshake(404, "Unknown Connection ID")
+            h.settle()
+        self.assertEqual([e for e in events if e["log_level"].name in ("error", "critical")], [])
+        self.assertEqual(Kept.instances, [])
+
+    def test_factoryRefuses(self) -> None:
+        h = StreamHarness(streamFactory=Refusing())
+        h.listen().sendJson(acceptCommand())
+        leg = h.connection()
+        leg.handshake()
+        h.settle()
+        self.assertEqual(leg.closes(), [1000])
+
+    def test_closeClosesStreams(self) -> None:
+        h = StreamHarness()
+        control = h.listen()
+        control.sendJson(acceptCommand())
+        leg = h.connection()
+        leg.handshake()
+        closing = h.listener.close()
+        self.assertEqual(leg.closes(), [1000])
+        control.answerClose()
+        self.assertNoResult(closing)
+        leg.answerClose()
+        self.successResultOf(closing)
+
+    def test_streamsOutliveTheControlChannel(self) -> None:
+        """
+        An accepted stream keeps going while the control channel
+        reconnects.
+        """
+        h = StreamHarness()
+        control = h.listen()
+        control.sendJson(acceptCommand())
+        leg = h.connection()
+        leg.handshake()
+        control.drop()
+        h.settle()
+        h.connection().handshake()
+        leg.send(BINARY, b"still here")
+        self.assertEqual(leg.messages(), [(BINARY, b"still here")])
+
+    def test_noHandlerAnswers501(self) -> None:
+        """
+        HTTP requests to a listener without a handler get 501.
+        """
+        reactor = MemoryReactorClock()
+        listener = HybridListener(reactor, BASE, "hyco", lambda r: "t", streamFactory=Factory.forProtocol(Echo), pingInterval=0)
+        listener.listen()
+        control = RelaySide(reactor, *reactor.tcpClients.pop(0)[:3])
+        control.handshake()
+        control.sendJson(fullRequest())
+        self.assertEqual(response(control)["statusCode"], 501)
+
+
+class CancelListenTests(SynchronousTestCase):
+    def test_cancelListen(self) -> None:
+        """
+        Cancelling C{listen()} closes the listener: nothing is retried.
+        """
+        h = StatusHarness()
+        listening = h.start()
+        side = h.connection()
+        listening.cancel()
+        self.failureResultOf(listening, CancelledError)
+        h.settle()
+        self.assertTrue(side.transport.aborted)
+        self.assertEqual(h.statuses, ["connecting", "offline"])
+        h.reactor.advance(3600)
+        self.assertEqual(h.attempts(), 0)

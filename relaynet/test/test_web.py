@@ -44,9 +44,10 @@ class WebHarness(Harness):
     A L{WebListener} for C{resource} on a L{MemoryReactorClock}.
     """
 
-    def __init__(self, resource: Any, entity: str = "hyco", base: str = "ws://relay.test:9090") -> None:
+    def __init__(self, resource: Any, entity: str = "hyco", base: str = "ws://relay.test:9090", **options: Any) -> None:
         super().__init__(entity=entity, base=base)
-        self.web = WebListener(self.reactor, base, entity, self.token, resource)
+        options.setdefault("pingInterval", 0)  # RelaySide answers no pings
+        self.web = WebListener(self.reactor, base, entity, self.token, resource, **options)
         self.listener = self.web.listener
 
     def start(self) -> Any:
@@ -475,6 +476,22 @@ class ResourceTests(SynchronousTestCase):
         control.answerClose()
         self.successResultOf(closing)
         self.assertEqual(site.numPorts, 0)
+
+    def test_reconnects(self) -> None:
+        """
+        The listener underneath reconnects, with tokens for the entity's
+        resource; its options (C{onStatus} here) pass through.
+        """
+        root, hello = helloSite()
+        statuses: list[str] = []
+        h = WebHarness(root, onStatus=statuses.append)
+        h.listen().drop()
+        h.settle()
+        h.control = h.connection()
+        h.control.handshake()
+        self.assertEqual(statuses, ["connecting", "online", "reconnecting", "online"])
+        self.assertEqual(h.resources, ["http://relay.test:9090/hyco"] * 2)
+        self.assertEqual(body(h.get()), b"hello world")
 
     def test_siteStoppedIfListenFails(self) -> None:
         root, hello = helloSite()
