@@ -67,3 +67,19 @@ class TutorialTests(TestCase):
         self.assertEqual(body, b"GET SCRIPT_NAME=/app PATH_INFO=/some/path QUERY_STRING=q=2 from 127.0.0.1, 0 bytes in\n")
         response, body = await self.call(b"POST", "/app/form", "app", b"a=1&b=2")
         self.assertTrue(body.endswith(b"7 bytes in\n"), body)
+
+
+class StreamExampleTests(TestCase):
+    timeout = 60
+
+    async def test_streamEcho(self) -> None:
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        relay = RelayFixture(self, ["--dynamic-entities"])
+        connection = f"Endpoint=sb://{relay.host}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={KEY}"
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, [os.path.join(EXAMPLES, "stream_echo.py"), connection, "echo"], env=dict(os.environ), reactor=reactor
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"answer: hello through the relay", out)
+        self.assertIn(b"listener is online", out)
