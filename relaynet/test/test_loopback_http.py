@@ -152,7 +152,7 @@ class HttpRelayTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.relay = RelayFixture(self, ["--entity", "hyco", "--request-timeout", "2"])
+        self.relay = RelayFixture(self, ["--entity", "hyco", "--request-timeout", "20"])
         self.agent = Agent(reactor)
 
     async def listen(self, handler: Handler = echo, entity: str = "hyco") -> HttpListener:
@@ -245,6 +245,7 @@ class HttpRelayTests(TestCase):
         A listener that does not answer in time gets its sender a 504 with a
         JSON error body.
         """
+        self.relay.relay.namespace.get("hyco").requestTimeout = 0.5
         await self.listen(lambda r, b: None)
         response, body = await self.call(b"GET", "/hyco/slow")
         self.assertEqual(response.code, 504)
