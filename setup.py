@@ -23,6 +23,7 @@ setup(
         "pyopenssl>=24.0.0",
         "zope.interface>=6.0",
     ],
+    entry_points={"console_scripts": ["relaynet = relaynet.cli:main"]},
     extras_require={
         # hypothesis: property tests of token parsing and path handling.
         "test": ["hypothesis>=6.100"],
