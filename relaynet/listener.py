@@ -130,6 +130,7 @@ BODY_HIGH_WATER = 64 * 1024
 CONNECT_TIMEOUT = 30.0
 RENDEZVOUS_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 10.0
+STABLE_SECONDS = 30.0
 MIN_RENEW_DELAY = 5.0
 MIN_RENEW_FLOOR = 1.0
 NORMAL_CLOSURE = 1000
@@ -1163,6 +1164,8 @@ class HybridListener:
         self._retryCall: IDelayedCall | None = None
         self._attempt: Deferred[str] | None = None
         self._failures = 0
+        self._onlineSince = 0.0
+        self._lastToken: str | None = None
         self._first: Deferred[None] | None = None
         self._rendezvous: set[_Client] = set()
         self._streams: set[_AcceptedStream] = set()
@@ -1287,7 +1290,8 @@ class HybridListener:
 
     def _connected(self, token: str) -> None:
         self._attempt = None
-        self._failures = 0
+        self._onlineSince = self.reactor.seconds()
+        self._lastToken = token
         self._wasOnline = True
         log.info("listening on {entity} as {id}", entity=self.entity, id=self.listenerId)
         self._setStatus("online")
@@ -1347,8 +1351,13 @@ class HybridListener:
         log.warn("the relay closed the control channel: {code} {reason}", code=code, reason=reason)
         if self._reconnect:
             self._setStatus("reconnecting")
-            self._scheduleRetry(self._retryPolicy(0))
-            self._failures = 1
+            if self.reactor.seconds() - self._onlineSince >= STABLE_SECONDS:
+                # It had been up a while: a fresh drop, retried at once.
+                self._failures = 0
+            # A channel the relay keeps closing right after opening backs off
+            # like a refused one, instead of reconnecting in a tight loop.
+            self._scheduleRetry(self._retryPolicy(self._failures))
+            self._failures += 1
         else:
             self._setStatus("offline")
 
@@ -1645,6 +1654,12 @@ class HybridListener:
         self._renewing = None
         if self._control is not control:
             return
+        if token == self._lastToken:
+            # A fixed token cannot be renewed: look again later rather than
+            # resend it.
+            self._renewCall = self.reactor.callLater(MIN_RENEW_DELAY * 12, self._renew)
+            return
+        self._lastToken = token
         if self._sendControl({"renewToken": {"token": token}}):
             log.debug("renewed the token of {entity}", entity=self.entity)
             self._scheduleRenewal(token)

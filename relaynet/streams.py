@@ -56,6 +56,10 @@ __all__ = [
 ]
 
 CONNECT_TIMEOUT = 70.0
+# The largest message a relayed stream takes whole (larger: closed, 1009),
+# and the size a write is cut into.
+MAX_MESSAGE = 16 * 1024 * 1024
+MAX_WRITE = 1024 * 1024
 CLOSE_TIMEOUT = 10.0
 NORMAL_CLOSURE = 1000
 _STATUS = re.compile(r"upgrade failed \[(\d{3})\]: (.*?)\"?\)?$", re.DOTALL)
@@ -216,6 +220,7 @@ class _WriteValve:
 
     def __init__(self) -> None:
         self.full = False
+        self.lost = False
         self.producer: IProducer | None = None
         self._writable: list[Deferred[None]] = []
 
@@ -233,12 +238,19 @@ class _WriteValve:
             cast(Any, self.producer).resumeProducing()
 
     def stopProducing(self) -> None:
+        # The connection is gone: nobody waits for room any more.
+        self.lost = True
+        waiting, self._writable = self._writable, []
+        for d in waiting:
+            d.errback(ConnectionLost("The relayed stream is gone."))
         if self.producer is not None:
             self.producer.stopProducing()
 
     def whenWritable(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        if self.full:
+        if self.lost:
+            d.errback(ConnectionLost("The relayed stream is gone."))
+        elif self.full:
             self._writable.append(d)
         else:
             d.callback(None)
@@ -263,8 +275,9 @@ class _StreamTransport:
         self._wire = wire
 
     def write(self, data: bytes) -> None:
-        if data:
-            self.sendMessage(data, True)
+        # Bytes go in messages of bounded size, whatever one write holds.
+        for start in range(0, len(data), MAX_WRITE):
+            self.sendMessage(data[start : start + MAX_WRITE], True)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
@@ -326,7 +339,8 @@ class StreamWebSocket(WebSocketClientProtocol):
         self.relayPeer = peer
         self.clock = clock
         self.user: Any = None
-        self.opened: Deferred[Any] = Deferred()
+        self.opened: Deferred[Any] = Deferred(lambda d: self._cancelled())
+        self.cancelled = False
         self._refusal: str | None = None
         self._streamTransport: _StreamTransport | None = None
         self._dropCall: IDelayedCall | None = None
@@ -335,15 +349,38 @@ class StreamWebSocket(WebSocketClientProtocol):
         self._refusal = reason
         super().failHandshake(reason)
 
+    def _cancelled(self) -> None:
+        """
+        Whoever waited for the stream gave up: it must not open later.
+        """
+        self.cancelled = True
+        if self.transport is not None:
+            self.dropConnection(abort=True)
+
     def onOpen(self) -> None:
-        user = self.userFactory.buildProtocol(self.relayPeer)
+        if self.cancelled:
+            self.dropConnection(abort=True)
+            return
+        try:
+            user = self.userFactory.buildProtocol(self.relayPeer)
+        except Exception as e:
+            self.dropConnection(abort=True)
+            self.opened.errback(e)
+            return
         if user is None:
             self.sendClose(NORMAL_CLOSURE, "The application refused the connection.")
             self.opened.errback(RejectedError(0, "The application refused the connection."))
             return
         self.user = user
         self._streamTransport = _StreamTransport(self)
-        user.makeConnection(self._streamTransport)
+        try:
+            user.makeConnection(self._streamTransport)
+        except Exception as e:
+            self.user = None
+            self.dropConnection(abort=True)
+            user.connectionLost(Failure(ConnectionLost("connectionMade failed")))
+            self.opened.errback(e)
+            return
         self.opened.callback(user)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -416,8 +453,8 @@ def streamFactory(
         closeHandshakeTimeout=CLOSE_TIMEOUT,
         serverConnectionDropTimeout=0,
         failByDrop=False,
-        maxMessagePayloadSize=0,
-        maxFramePayloadSize=0,
+        maxMessagePayloadSize=MAX_MESSAGE,
+        maxFramePayloadSize=MAX_MESSAGE,
     )
     return factory
 
@@ -464,7 +501,9 @@ async def _connectStream(
     entity = entity.strip("/")
     allHeaders = dict(headers or {})
     if tokenProvider is not None:
-        allHeaders["ServiceBusAuthorization"] = await getToken(tokenProvider, resourceUri(relayUrl, entity))
+        allHeaders["ServiceBusAuthorization"] = await getToken(tokenProvider, resourceUri(relayUrl, entity)).addTimeout(
+            timeout, reactor
+        )
     url = (
         f"{relayUrl.rstrip('/')}/$hc/{quote(entity, safe='/')}"
         f"?sb-hc-action=connect&sb-hc-id={uuid.uuid4()}"

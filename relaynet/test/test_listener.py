@@ -37,6 +37,7 @@ from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
 from relaynet.listener import (
     CONTROL_BODY_LIMIT,
     FLUSH_DELAY,
+    STABLE_SECONDS,
     AcceptRequest,
     HttpListener,
     HybridListener,
@@ -1350,10 +1351,31 @@ class ReconnectTests(SynchronousTestCase):
         h.reactor.advance(1.5)
         h.connection().handshake()
         self.assertEqual(h.listener.status, "online")
+        h.reactor.advance(STABLE_SECONDS)
         h.listener._control.transport.loseConnection()  # type: ignore[union-attr]
         h.settle()
         self.assertEqual(h.listener.status, "reconnecting")
         h.settle()
+        self.assertEqual(h.attempts(), 1)
+
+    def test_noStormWhenClosedRightAfterOpening(self) -> None:
+        """
+        A control channel the relay closes right after opening it is not
+        retried at once (which would loop), but after a back-off.
+        """
+        h = StatusHarness()
+        h.listen().drop()
+        h.settle()
+        h.connection().handshake(503, "Busy")
+        h.settle()
+        h.reactor.advance(1.5)
+        h.connection().handshake()
+        self.assertEqual(h.listener.status, "online")
+        h.listener._control.transport.loseConnection()  # type: ignore[union-attr]
+        h.settle()
+        self.assertEqual(h.listener.status, "reconnecting")
+        self.assertEqual(h.attempts(), 0)
+        h.reactor.advance(60)
         self.assertEqual(h.attempts(), 1)
 
     def test_neverTwoControlChannels(self) -> None:

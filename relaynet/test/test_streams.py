@@ -137,3 +137,63 @@ def deferLater() -> Deferred[None]:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, 0.01, lambda: None)
+
+
+class Failing(Protocol):
+    def connectionMade(self) -> None:
+        raise RuntimeError("the application broke")
+
+
+class StreamEdgeTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.relay = RelayFixture(self, ["--entity", "hyco"])
+        self.url = f"ws://{self.relay.host}"
+        self.tokens = fromKey(KEY_NAME, KEY, reactor)
+
+    async def test_cancelBeforeAccept(self) -> None:
+        """
+        A cancelled connectStream drops the sender at once; the relay
+        forgets it and a late accept finds nothing.
+        """
+        control = await self.relay.listener("hyco")
+        connecting = connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Collect))
+        accept = json.loads((await control.messages.get())[0])["accept"]
+        connecting.cancel()
+        self.failureResultOf(connecting)
+        while len(self.relay.relay.rendezvous):
+            await deferLater()
+        late = self.relay.connect(accept["address"])
+        from relaynet.test.support import HandshakeRefused
+
+        with self.assertRaises(HandshakeRefused):
+            await late.opened
+
+    async def test_connectionMadeFails(self) -> None:
+        """
+        A protocol whose connectionMade raises fails the connect, and the
+        stream is dropped.
+        """
+        control = await self.relay.listener("hyco")
+        connecting = connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Failing))
+        accept = json.loads((await control.messages.get())[0])["accept"]
+        leg = self.relay.connect(accept["address"])
+        with self.assertRaises(RuntimeError):
+            await connecting
+        await leg.closed
+
+    async def test_whenWritableFailsOnceLost(self) -> None:
+        control = await self.relay.listener("hyco")
+        connecting = connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Messages))
+        accept = json.loads((await control.messages.get())[0])["accept"]
+        leg = self.relay.connect(accept["address"])
+        proto = await connecting
+        await leg.opened
+        leg.transport.abortConnection()
+        while proto.transport._socket.state != proto.transport._socket.STATE_CLOSED:
+            await deferLater()
+        from twisted.internet.error import ConnectionLost
+
+        with self.assertRaises(ConnectionLost):
+            await proto.whenWritable()
