@@ -36,6 +36,9 @@ class RelaySettings:
     @ivar closeTimeout: seconds a half-closed relayed connection may wait
         for the other side's close.
     @ivar maxPending: senders that may wait for a rendezvous at once.
+    @ivar maxEventSize: the largest event or one-way message, in bytes.
+    @ivar subscriberOutbox: events or one-way messages that may wait for a
+        slow listener before it is cut off.
     """
 
     acceptTimeout: float = 30.0
@@ -46,6 +49,8 @@ class RelaySettings:
     maxControlMessage: int = 65536
     closeTimeout: float = 60.0
     maxPending: int = 10000
+    maxEventSize: int = 65536
+    subscriberOutbox: int = 1000
 
 
 @dataclass

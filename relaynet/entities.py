@@ -51,6 +51,8 @@ class Entity:
         the namespace's default.
     @ivar requestTimeout: seconds its listeners have to answer an HTTP
         request; C{None} for the relay's default.
+    @ivar kind: C{"hybrid"}, or C{"event"} for publish/subscribe: every
+        listener is a subscriber of every event.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Entity:
     rules: Sequence[Rule] = ()
     dynamic: bool = False
     requestTimeout: float | None = None
+    kind: str = "hybrid"
 
     @property
     def key(self) -> str:
@@ -80,14 +83,17 @@ class Namespace:
     """
 
     maxListeners: int = DEFAULT_MAX_LISTENERS
+    maxSubscribers: int = 10000
     dynamicEntities: bool = False
     anonymousNames: frozenset[str] = frozenset()
     _entities: dict[str, Entity] = field(default_factory=dict)
 
     def declare(self, entity: Entity) -> Entity:
         entity.name = validEntityName(entity.name)
+        if entity.kind not in ("hybrid", "event"):
+            raise ValueError(f"entity kind {entity.kind!r} is neither 'hybrid' nor 'event'")
         if entity.maxListeners is None:
-            entity.maxListeners = self.maxListeners
+            entity.maxListeners = self.maxSubscribers if entity.kind == "event" else self.maxListeners
         self._entities[entity.key] = entity
         return entity
 

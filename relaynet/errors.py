@@ -24,6 +24,7 @@ __all__ = [
     "Gone",
     "PolicyViolation",
     "BadGateway",
+    "PayloadTooLarge",
     "GatewayTimeout",
     "MethodNotAllowed",
     "ServerBusy",
@@ -120,6 +121,7 @@ class ServerBusy(RelayError):
     status = 503
     code = "ServerBusy"
     closeCode = 1013
+    retryAfter = 1
 
 
 class GatewayTimeout(RelayError):
@@ -132,3 +134,9 @@ class MethodNotAllowed(RelayError):
     status = 405
     code = "MethodNotAllowed"
     closeCode = 1008
+
+
+class PayloadTooLarge(RelayError):
+    status = 413
+    code = "PayloadTooLarge"
+    closeCode = 1009

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from relaynet.entities import Entity
-from relaynet.errors import NoListeners, QuotaExceeded
+from relaynet.errors import NoListeners, QuotaExceeded, ServerBusy
 
 __all__ = [
     "IListenerChannel",
@@ -37,6 +37,18 @@ class IListenerChannel(Interface):
 
     listenerId = Attribute("The id the listener gave (C{sb-hc-id}) or one made for it.")
     rendezvousBase = Attribute("Scheme and authority of the relay as the listener reaches it, e.g. wss://relay:443.")
+
+    def offer(command: dict[str, Any], body: bytes | None = None) -> bool:
+        """
+        Queue a command (and its body) in the listener's outbox.
+
+        @return: C{False} if the outbox was full.
+        """
+
+    def hasRoom() -> bool:
+        """
+        Whether the listener's outbox can take another message.
+        """
 
     def sendCommand(command: dict[str, Any], body: bytes | None = None) -> None:
         """
@@ -81,6 +93,25 @@ class IListenerRegistry(Interface):
     def listenerCount(entity: Entity) -> int:
         """
         How many listeners C{entity} has.
+        """
+
+    def broadcast(
+        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+    ) -> Deferred[int]:
+        """
+        Offer a command to every listener of C{entity} (an event).
+
+        @return: how many took it.
+        """
+
+    def deliverOneWay(
+        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+    ) -> Deferred[IListenerChannel]:
+        """
+        Offer a command to one listener with room for it, chosen at random.
+
+        @return: the listener, or a failure: L{NoListeners}, or
+            L{ServerBusy} if every listener's outbox is full.
         """
 
 
@@ -130,6 +161,26 @@ class MemoryRegistry:
 
     def listenerCount(self, entity: Entity) -> int:
         return len(self._listeners.get(entity.key, ()))
+
+    def broadcast(
+        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+    ) -> Deferred[int]:
+        taken = 0
+        for channel in list(self._listeners.get(entity.key, ())):
+            taken += bool(channel.offer(makeCommand(channel), body))
+        return succeed(taken)
+
+    def deliverOneWay(
+        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+    ) -> Deferred[IListenerChannel]:
+        channels = list(self._listeners.get(entity.key, ()))
+        if not channels:
+            return fail(NoListeners(f"There are no listeners connected for the endpoint. SystemTracker:{entity.name}"))
+        random.shuffle(channels)
+        for channel in channels:
+            if channel.hasRoom() and channel.offer(makeCommand(channel), body):
+                return succeed(channel)
+        return fail(ServerBusy(f"Every listener of {entity.name} is behind: try again later."))
 
 
 def newConnectionId(clientId: str | None) -> str:

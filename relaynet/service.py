@@ -79,6 +79,7 @@ class RelayService(MultiService):
         anonymous = frozenset(config["anonymous-senders"])
         namespace = Namespace(
             maxListeners=config["max-listeners"],
+            maxSubscribers=config["max-subscribers"],
             dynamicEntities=bool(config["dynamic-entities"]),
             anonymousNames=anonymous,
         )

@@ -31,6 +31,8 @@ _SETTINGS = [
     ("token-grace", "tokenGrace", int, "Seconds a control channel outlives its token while it may renew it"),
     ("close-timeout", "closeTimeout", float, "Seconds a half-closed connection waits for the other side's close"),
     ("max-pending", "maxPending", int, "Senders that may wait for a listener at once"),
+    ("max-event-size", "maxEventSize", int, "The largest event or one-way message, in bytes"),
+    ("subscriber-outbox", "subscriberOutbox", int, "Messages that may wait for a slow listener before it is cut off"),
 ]
 
 
@@ -71,6 +73,7 @@ class Options(usage.Options):
         ["config", "c", None, "A TOML file with the same settings as these options."],
         ["data-dir", "d", None, "Directory for the relay's own files (default: relaynet-data)."],
         ["max-listeners", None, None, "Listeners per entity (default: 25)", _positive(int)],
+        ["max-subscribers", None, None, "Subscribers per event entity (default: 10000)", _positive(int)],
     ] + [
         [name, None, None, f"{doc} (default: {getattr(RelaySettings, attr)})", _positive(kind)]
         for name, attr, kind, doc in _SETTINGS
@@ -106,6 +109,15 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+    def opt_event(self, name: str) -> None:
+        """
+        Declare an event entity (publish/subscribe); NAME may contain / (repeatable).
+        """
+        try:
+            self["entities"].append(Entity(name=validEntityName(name), kind="event"))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
     def opt_anonymous_senders(self, name: str) -> None:
         """
         Senders to entity NAME need no token (repeatable).
@@ -128,6 +140,8 @@ class Options(usage.Options):
             self["data-dir"] = "relaynet-data"
         if self["max-listeners"] is None:
             self["max-listeners"] = 25
+        if self["max-subscribers"] is None:
+            self["max-subscribers"] = 10000
         self["settings"] = RelaySettings(
             **{attr: self[name] for name, attr, _, _ in _SETTINGS if self[name] is not None}
         )
@@ -195,14 +209,17 @@ def _ruleFromTable(table: dict[str, Any]) -> Rule:
 def _entityFromConfig(item: str | dict[str, Any]) -> Entity:
     if isinstance(item, str):
         return Entity(name=validEntityName(item))
-    unknown = set(item) - {"name", "max-listeners", "anonymous-senders", "request-timeout", "rule"}
+    unknown = set(item) - {"name", "kind", "max-listeners", "anonymous-senders", "request-timeout", "rule"}
     if unknown:
         raise ValueError(f"unknown entity settings {sorted(unknown)}")
+    if item.get("kind", "hybrid") not in ("hybrid", "event"):
+        raise ValueError(f"kind must be 'hybrid' or 'event', not {item['kind']!r}")
     return Entity(
         name=validEntityName(_required(item, "name", str)),
         maxListeners=_value(item, "max-listeners", int),
         anonymousSenders=_value(item, "anonymous-senders", bool, False),
         requestTimeout=_value(item, "request-timeout", float),
+        kind=_value(item, "kind", str, "hybrid"),
         rules=tuple(_ruleFromTable(r) for r in _value(item, "rule", list, [])),
     )
 
@@ -212,7 +229,7 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
     Merge a parsed config file into C{options}: lists add to what the
     command line gave, and single values fill in what it did not.
     """
-    known = {"listen", "rule", "entity", "anonymous-senders", "hostname", "dynamic-entities", "data-dir", "max-listeners"}
+    known = {"listen", "rule", "entity", "event", "anonymous-senders", "hostname", "dynamic-entities", "data-dir", "max-listeners", "max-subscribers"}
     known.update(name for name, _, _, _ in _SETTINGS)
     unknown = set(config) - known
     if unknown:
@@ -220,11 +237,12 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
     options["listen"].extend(_strings(config, "listen"))
     options["rules"].extend(_ruleFromTable(r) for r in _value(config, "rule", list, []))
     options["entities"].extend(_entityFromConfig(e) for e in _value(config, "entity", list, []))
+    options["entities"].extend(Entity(name=validEntityName(n), kind="event") for n in _strings(config, "event"))
     options["hostnames"].extend(_strings(config, "hostname"))
     options["anonymous-senders"].extend(n.strip("/").lower() for n in _strings(config, "anonymous-senders"))
     if _value(config, "dynamic-entities", bool, False):
         options["dynamic-entities"] = True
-    kinds = {"data-dir": str, "max-listeners": int, **{name: kind for name, _, kind, _ in _SETTINGS}}
+    kinds = {"data-dir": str, "max-listeners": int, "max-subscribers": int, **{name: kind for name, _, kind, _ in _SETTINGS}}
     for name, kind in kinds.items():
         if options[name] is None:
             options[name] = _value(config, name, kind)

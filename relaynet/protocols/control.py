@@ -21,6 +21,7 @@ from relaynet.auth import Rights, SasToken
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.entities import Entity
 from relaynet.errors import BadRequest, RelayError
+from relaynet.protocols.pubsub import FELL_BEHIND, Outbox
 from relaynet.registry import IListenerChannel
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class ControlChannel:
         self.listenerId = listenerId
         self.rendezvousBase = info.baseUrl
         self.registered = False
+        self.outbox: Outbox | None = None
         # HTTP requests sent on this channel and not yet answered, by id.
         self.exchanges: dict[str, Any] = {}
         self._bodyFor: Any = None
@@ -96,6 +98,9 @@ class ControlChannel:
             peer=self.info.peerHost,
         )
         self._scheduleExpiry()
+        self.outbox = Outbox(self, self.relay.settings.subscriberOutbox)
+        transport: Any = self.proto.transport
+        transport.registerProducer(self.outbox, True)
 
     def _scheduleExpiry(self) -> None:
         if self._expiry is not None and self._expiry.active():
@@ -122,6 +127,26 @@ class ControlChannel:
             reason=reason,
         )
         self.proto.sendCloseFrame(code=code, reasonUtf8=closeReason(reason))
+
+    def offer(self, command: dict[str, Any], body: bytes | None = None) -> bool:
+        return self.outbox is not None and self.outbox.offer(encodeCommand(command), body)
+
+    def hasRoom(self) -> bool:
+        return self.outbox is not None and self.outbox.hasRoom()
+
+    def sendEncoded(self, encoded: bytes, body: bytes | None) -> None:
+        if self.proto.state == self.proto.STATE_OPEN:
+            self.proto.sendMessage(encoded, isBinary=False)
+            if body is not None:
+                self.proto.sendMessage(body, isBinary=True)
+
+    def fellBehind(self, missed: int) -> None:
+        """
+        The outbox overflowed: cut the listener off, saying why.
+        """
+        # The close follows what is already on its way; the close timeout
+        # ends the connection if the listener never reads that far.
+        self.close(FELL_BEHIND, f"Fell behind: {missed} events missed.")
 
     def sendCommand(self, command: dict[str, Any], body: bytes | None = None) -> None:
         encoded = encodeCommand(command)

@@ -36,6 +36,7 @@ from relaynet.errors import (
     GatewayTimeout,
     MethodNotAllowed,
     NoListeners,
+    PayloadTooLarge,
     RelayError,
     safeReason,
 )
@@ -51,6 +52,10 @@ __all__ = ["HttpExchange", "RelayHttpChannel", "RelayRequest", "errorBody"]
 log = Logger()
 
 CONTROL_BODY_LIMIT = 65536
+# A request with this header set to true is a one-way message.
+ONE_WAY_HEADER = "Relay-Oneway"
+# How many subscribers (or listeners) an event or message was handed to.
+DELIVERED_HEADER = "Relay-Delivered-To"
 MAX_HEADER_BYTES = 32 * 1024
 # Hop-by-hop headers (RFC 9110 7.6.1) and the relay's own credential.
 _HOP_BY_HOP = {
@@ -120,6 +125,9 @@ def respondWithError(request: Request, error: RelayError) -> None:
     request.setResponseCode(error.status, safeReason(error.reason).encode("ascii"))
     request.setHeader("content-type", contentType)
     request.setHeader("content-length", str(len(body)))
+    retryAfter = getattr(error, "retryAfter", None)
+    if retryAfter is not None:
+        request.setHeader("retry-after", str(retryAfter))
     request.write(body)
     request.finish()
 
@@ -191,6 +199,8 @@ class HttpExchange:
     """
 
     error: RelayError | None = None
+    message = False
+    _bodySize = 0
     channel: IListenerChannel | None = None
     leg: HybridConnectionProtocol | None = None
     responding = False
@@ -218,12 +228,16 @@ class HttpExchange:
         self._expectedBody = length
         try:
             self._check()
+            if self.message:
+                self._checkMessage(length)
         except RelayError as e:
             if length == 0:
                 self.error = e  # answered at once, by requestEnded
             else:
                 self._fail(e)
             return
+        if self.message:
+            return  # read whole (it is small), then handed on
         if length is None or length > self._controlLimit():
             # Too large to carry on the control channel: the listener comes
             # to a rendezvous for it, and the body streams there.
@@ -241,6 +255,18 @@ class HttpExchange:
 
         self.entity, self.suffix = self.relay.namespace.resolve(unquote(path))
         self.relay.authorize(self._handshakeInfo(), self.entity, Rights.SEND, token=self._token())
+        oneWay = (self.request.getHeader(ONE_WAY_HEADER) or "").lower() in ("1", "true", "yes")
+        self.message = self.entity.kind == "event" or oneWay
+
+    def _checkMessage(self, length: int | None) -> None:
+        """
+        An event or a one-way message: a POST no larger than the limit.
+        """
+        if self.method.upper() != "POST":
+            raise MethodNotAllowed("Events and one-way messages are sent with POST.")
+        limit = self.relay.settings.maxEventSize
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"A message may have at most {limit} bytes.")
 
     def _token(self) -> str | None:
         query = dict(reversed(parse_qsl(self.uri.partition("?")[2], keep_blank_values=True)))
@@ -268,6 +294,11 @@ class HttpExchange:
     def bodyReceived(self, data: bytes) -> None:
         if self.error is not None or self.finished:
             return
+        if self.message:
+            self._bodySize += len(data)
+            if self._bodySize > self.relay.settings.maxEventSize:
+                self._fail(PayloadTooLarge(f"A message may have at most {self.relay.settings.maxEventSize} bytes."))
+                return
         if self.leg is not None and self.leg.state == self.leg.STATE_OPEN:
             self.leg.beginMessageFrame(len(data))
             self.leg.sendMessageFrameData(data)
@@ -285,6 +316,9 @@ class HttpExchange:
             if self.leg is not None and self.leg.state == self.leg.STATE_OPEN:
                 self.leg.endMessage()
             return
+        if self.message:
+            self._handOn(b"".join(self._body))
+            return
         body = b"".join(self._body) if self._expectedBody else None
         command = self._fullRequest(body is not None)
         limit = self._controlLimit()
@@ -296,6 +330,46 @@ class HttpExchange:
             return
         self._body = []
         self._deliver(command, body)
+
+    def _handOn(self, body: bytes) -> None:
+        """
+        Hand an event to every subscriber, or a one-way message to one
+        listener, and tell the sender at once: 202, and to how many.
+        """
+        from relaynet.protocols.pubsub import eventCommand
+
+        assert self.entity is not None
+        path, _, query = self.uri.partition("?")
+        from relaynet.protocols.websocket import stripRelayParameters
+
+        query = stripRelayParameters(query)
+        target = path + ("?" + query if query else "")
+        headers = self._requestHeaders()
+        peer = self.request.getClientAddress()
+        remote = {"address": getattr(peer, "host", ""), "port": getattr(peer, "port", 0)}
+        entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
+
+        def makeCommand(channel: IListenerChannel) -> dict[str, Any]:
+            return eventCommand(channel.rendezvousBase, entityPath, target, headers, remote, True)
+
+        registry = self.relay.registry
+        if self.entity.kind == "event":
+            d = registry.broadcast(self.entity, makeCommand, body)
+        else:
+            d = registry.deliverOneWay(self.entity, makeCommand, body).addCallback(lambda _: 1)
+        d.addCallbacks(self._handedOn, self._notDelivered)
+
+    def _handedOn(self, count: int) -> None:
+        self.finished = True
+        self._cleanUp()
+        request = self.request
+        request.setResponseCode(202)
+        request.setHeader(DELIVERED_HEADER, str(count))
+        request.setHeader("content-type", "application/json")
+        body = json.dumps({"deliveredTo": count}).encode()
+        request.setHeader("content-length", str(len(body)))
+        request.write(body)
+        request.finish()
 
     def _controlLimit(self) -> int:
         return min(CONTROL_BODY_LIMIT, self.relay.settings.maxControlMessage)
@@ -390,7 +464,7 @@ class HttpExchange:
 
     def _notDelivered(self, failure: Any) -> None:
         error = failure.value
-        if isinstance(error, NoListeners):
+        if isinstance(error, NoListeners) and not self.message:
             error = BadGateway(error.reason)
         elif not isinstance(error, RelayError):
             log.failure("cannot deliver a request", failure)

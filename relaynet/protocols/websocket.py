@@ -30,6 +30,7 @@ from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
+from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
 from relaynet.registry import IListenerChannel, newConnectionId
 
@@ -159,6 +160,12 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         relay = self.relay
         entity, suffix = relay.namespace.resolve(self.info.path)
         relay.authorize(self.info, entity, Rights.SEND)
+        if entity.kind == "event":
+            # A publisher: the relay itself takes its messages.
+            from relaynet.protocols.pubsub import PublisherLeg
+
+            self.role = PublisherLeg(self, entity, suffix)
+            return None
         rendezvousId = newConnectionId(self._clientId())
         pending = PendingSender(self, list(request.protocols))
         if not relay.rendezvous.add(
@@ -247,6 +254,10 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         from relaynet.protocols.request import RequestLeg
 
         rendezvousId = self.info.query.get("sb-hc-id", "")
+        if rendezvousId.startswith(EVENT_ID_PREFIX):
+            # A subscriber answering an event: nobody waits for the answer.
+            self.role = DiscardLeg(self)
+            return None
         exchange = self.relay.exchanges.get(rendezvousId)
         if exchange is None or exchange.leg is not None:
             raise ListenerTimeout(f"Unknown request id {rendezvousId!r}: it was answered, or timed out.")

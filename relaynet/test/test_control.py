@@ -37,9 +37,16 @@ class _Proto:
     Records what the channel asks of its WebSocket.
     """
 
+    STATE_OPEN = 3
+    state = STATE_OPEN
+
     def __init__(self) -> None:
+        from twisted.internet.testing import StringTransport
+
         self.closes: list[tuple[int | None, bytes | None]] = []
         self.messages: list[tuple[bytes, bool]] = []
+        # The outbox registers itself as this transport's producer.
+        self.transport = StringTransport()
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False) -> None:
         self.closes.append((code, reasonUtf8))

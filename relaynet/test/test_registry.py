@@ -32,10 +32,20 @@ class _Channel:
         self.listenerId = listenerId
         self.sent: list[dict[str, Any]] = []
         self.bodies: list[bytes | None] = []
+        self.room = True
 
     def sendCommand(self, command: dict[str, Any], body: bytes | None = None) -> None:
         self.sent.append(command)
         self.bodies.append(body)
+
+    def offer(self, command: dict[str, Any], body: bytes | None = None) -> bool:
+        if not self.room:
+            return False
+        self.sendCommand(command, body)
+        return True
+
+    def hasRoom(self) -> bool:
+        return self.room
 
 
 class MemoryRegistryTests(SynchronousTestCase):
@@ -128,6 +138,43 @@ class MemoryRegistryTests(SynchronousTestCase):
         registry.register(entity, channel)
         self.successResultOf(registry.deliver(entity, lambda c: {"request": {}}, b"payload"))
         self.assertEqual((channel.sent, channel.bodies), ([{"request": {}}], [b"payload"]))
+
+
+class MessageDeliveryTests(SynchronousTestCase):
+    """
+    Events to every listener, one-way messages to one with room.
+    """
+
+    def test_broadcastCountsWhoTookIt(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="news", kind="event")
+        full, a, b = _Channel("full"), _Channel("a"), _Channel("b")
+        full.room = False
+        for channel in (full, a, b):
+            registry.register(entity, channel)
+        count = self.successResultOf(registry.broadcast(entity, lambda c: {"request": {"for": c.listenerId}}, b"e"))
+        self.assertEqual(count, 2)
+        self.assertEqual((a.sent, b.sent, full.sent), ([{"request": {"for": "a"}}], [{"request": {"for": "b"}}], []))
+
+    def test_oneWayToOneWithRoom(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="work")
+        full, free = _Channel("full"), _Channel("free")
+        full.room = False
+        registry.register(entity, full), registry.register(entity, free)
+        for _ in range(10):
+            self.assertIs(self.successResultOf(registry.deliverOneWay(entity, lambda c: {"request": {}}, b"m")), free)
+        self.assertEqual(len(free.sent), 10)
+
+    def test_oneWayAllFullIs503(self) -> None:
+        registry, entity = MemoryRegistry(), Entity(name="work")
+        full = _Channel("full")
+        full.room = False
+        registry.register(entity, full)
+        failure = self.failureResultOf(registry.deliverOneWay(entity, lambda c: {}, None))
+        self.assertEqual(failure.value.status, 503)
+
+    def test_oneWayNoListenerIs404(self) -> None:
+        failure = self.failureResultOf(MemoryRegistry().deliverOneWay(Entity(name="work"), lambda c: {}, None))
+        self.assertEqual(failure.value.status, 404)
 
 
 class RendezvousTableTests(SynchronousTestCase):

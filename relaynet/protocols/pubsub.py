@@ -1,0 +1,208 @@
+# -*- test-case-name: relaynet.test.test_pubsub -*-
+"""
+Events (publish/subscribe) and one-way messages.
+
+An event entity's listeners are its subscribers.  Each event a publisher
+sends reaches every subscriber connected at that moment, in the publisher's
+order, as an ordinary C{request} on the subscriber's control channel, so an
+unmodified C{hyco-https} listener is a working subscriber.  A one-way
+message on a hybrid entity goes the same way to one listener.
+
+Each subscriber has a bounded outbox: events wait there while its
+connection cannot take more.  A subscriber whose outbox overflows is
+disconnected with a reason saying how many events it missed; it never
+slows the publisher or the other subscribers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from relaynet.protocols.control import ControlChannel
+
+__all__ = ["Outbox", "eventCommand", "DiscardLeg", "EVENT_ID_PREFIX"]
+
+log = Logger()
+
+EVENT_ID_PREFIX = "evt_"
+FELL_BEHIND = 4008
+
+
+@implementer(IPushProducer)
+class Outbox:
+    """
+    A subscriber's queue of messages waiting for its connection.
+
+    Registered as the producer of the control channel's transport: while
+    the transport's buffer is full, messages wait here, at most C{limit}.
+    """
+
+    def __init__(self, channel: ControlChannel, limit: int) -> None:
+        self._channel = channel
+        self._limit = limit
+        self._queue: deque[tuple[bytes, bytes | None]] = deque()
+        self._paused = False
+        self.overflowed = False
+
+    def offer(self, encoded: bytes, body: bytes | None) -> bool:
+        """
+        Send a command and its body now, or queue them.
+
+        @return: C{False} if the outbox is full (the subscriber has been cut
+            off).
+        """
+        if self.overflowed:
+            return False
+        if len(self._queue) >= self._limit:
+            self.overflowed = True
+            missed = len(self._queue) + 1
+            self._queue.clear()
+            self._channel.fellBehind(missed)
+            return False
+        self._queue.append((encoded, body))
+        self._drain()
+        return True
+
+    def hasRoom(self) -> bool:
+        return not self.overflowed and len(self._queue) < self._limit
+
+    def _drain(self) -> None:
+        while self._queue and not self._paused:
+            encoded, body = self._queue.popleft()
+            self._channel.sendEncoded(encoded, body)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._drain()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+        self._queue.clear()
+
+
+def eventCommand(
+    base: str, entityPath: str, requestTarget: str, headers: dict[str, str], remote: dict[str, Any], hasBody: bool
+) -> dict[str, Any]:
+    """
+    The C{request} a subscriber gets for one event (or a listener for one
+    one-way message): a POST with the publisher's headers.
+    """
+    eventId = f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}"
+    return {
+        "request": {
+            "address": f"{base}/$hc/{entityPath}?sb-hc-action=request&sb-hc-id={eventId}",
+            "id": eventId,
+            "requestTarget": requestTarget,
+            "method": "POST",
+            "requestHeaders": headers,
+            "remoteEndpoint": remote,
+            "body": hasBody,
+        }
+    }
+
+
+class DiscardLeg:
+    """
+    A rendezvous a subscriber opens to answer an event: its answer is read
+    and dropped, and the socket closed once it has been given.
+    """
+
+    def __init__(self, proto: Any) -> None:
+        self.proto = proto
+        self._text = False
+        self._expectBody = False
+
+    def messageBegin(self, isBinary: bool) -> None:
+        self._text = not isBinary
+
+    def frameBegin(self, length: int) -> None:
+        pass
+
+    def frameData(self, payload: bytes) -> None:
+        pass
+
+    def messageEnd(self) -> None:
+        if self._text and not self._expectBody:
+            # The response; a body may follow.  Close after it either way.
+            self._expectBody = True
+            return
+        if self.proto.state == self.proto.STATE_OPEN:
+            self.proto.sendCloseFrame(code=1000)
+
+    def closeFrame(self, code: int | None, reason: bytes | None) -> bool:
+        return False
+
+    def lost(self) -> None:
+        pass
+
+
+class PublisherLeg:
+    """
+    A WebSocket sender on an event entity: each message it sends is one
+    event, handed to every subscriber connected at that moment.
+    """
+
+    def __init__(self, proto: Any, entity: Any, suffix: str) -> None:
+        self.proto = proto
+        self.relay = proto.relay
+        self.entity = entity
+        self.suffix = suffix
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._isBinary = True
+        self._tooLarge = False
+
+    def messageBegin(self, isBinary: bool) -> None:
+        self._parts, self._size, self._isBinary, self._tooLarge = [], 0, isBinary, False
+
+    def frameBegin(self, length: int) -> None:
+        pass
+
+    def frameData(self, payload: bytes) -> None:
+        if self._tooLarge:
+            return
+        self._size += len(payload)
+        limit = self.relay.settings.maxEventSize
+        if self._size > limit:
+            self._tooLarge = True
+            self._parts = []
+            self.proto.sendCloseFrame(code=1009, reasonUtf8=f"An event may have at most {limit} bytes.".encode())
+            return
+        self._parts.append(payload)
+
+    def messageEnd(self) -> None:
+        if self._tooLarge:
+            return
+        from urllib.parse import quote
+
+        info = self.proto.info
+        body = b"".join(self._parts)
+        self._parts = []
+        entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
+        headers = {
+            "Content-Type": "application/octet-stream" if self._isBinary else "text/plain; charset=utf-8",
+            "Content-Length": str(len(body)),
+            "Via": f"1.1 {info.hostname}",
+        }
+        target = "/" + self.entity.name + self.suffix
+
+        def makeCommand(channel: Any) -> dict[str, Any]:
+            return eventCommand(channel.rendezvousBase, entityPath, target, headers, info.remoteEndpoint(), True)
+
+        self.relay.registry.broadcast(self.entity, makeCommand, body)
+
+    def closeFrame(self, code: int | None, reason: bytes | None) -> bool:
+        return False
+
+    def lost(self) -> None:
+        self._parts = []
