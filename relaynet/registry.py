@@ -38,9 +38,10 @@ class IListenerChannel(Interface):
     listenerId = Attribute("The id the listener gave (C{sb-hc-id}) or one made for it.")
     rendezvousBase = Attribute("Scheme and authority of the relay as the listener reaches it, e.g. wss://relay:443.")
 
-    def offer(command: dict[str, Any], body: bytes | None = None) -> bool:
+    def offer(command: dict[str, Any] | bytes, body: bytes | None = None) -> bool:
         """
-        Queue a command (and its body) in the listener's outbox.
+        Queue a command (as a dict, or already encoded) and its body in the
+        listener's outbox.
 
         @return: C{False} if the outbox was full.
         """
@@ -96,7 +97,7 @@ class IListenerRegistry(Interface):
         """
 
     def broadcast(
-        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any] | bytes], body: bytes | None
     ) -> Deferred[int]:
         """
         Offer a command to every listener of C{entity} (an event).
@@ -105,7 +106,7 @@ class IListenerRegistry(Interface):
         """
 
     def deliverOneWay(
-        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any] | bytes], body: bytes | None
     ) -> Deferred[IListenerChannel]:
         """
         Offer a command to one listener with room for it, chosen at random.
@@ -163,7 +164,7 @@ class MemoryRegistry:
         return len(self._listeners.get(entity.key, ()))
 
     def broadcast(
-        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any] | bytes], body: bytes | None
     ) -> Deferred[int]:
         taken = 0
         for channel in list(self._listeners.get(entity.key, ())):
@@ -171,7 +172,7 @@ class MemoryRegistry:
         return succeed(taken)
 
     def deliverOneWay(
-        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None
+        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any] | bytes], body: bytes | None
     ) -> Deferred[IListenerChannel]:
         channels = list(self._listeners.get(entity.key, ()))
         if not channels:

@@ -128,8 +128,9 @@ class ControlChannel:
         )
         self.proto.sendCloseFrame(code=code, reasonUtf8=closeReason(reason))
 
-    def offer(self, command: dict[str, Any], body: bytes | None = None) -> bool:
-        return self.outbox is not None and self.outbox.offer(encodeCommand(command), body)
+    def offer(self, command: dict[str, Any] | bytes, body: bytes | None = None) -> bool:
+        encoded = command if isinstance(command, bytes) else encodeCommand(command)
+        return self.outbox is not None and self.outbox.offer(encoded, body)
 
     def hasRoom(self) -> bool:
         return self.outbox is not None and self.outbox.hasRoom()

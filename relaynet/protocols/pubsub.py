@@ -27,7 +27,7 @@ from zope.interface import implementer
 if TYPE_CHECKING:
     from relaynet.protocols.control import ControlChannel
 
-__all__ = ["Outbox", "eventCommand", "DiscardLeg", "EVENT_ID_PREFIX"]
+__all__ = ["Outbox", "eventCommand", "SharedCommand", "DiscardLeg", "PublisherLeg", "EVENT_ID_PREFIX"]
 
 log = Logger()
 
@@ -109,6 +109,29 @@ def eventCommand(
             "body": hasBody,
         }
     }
+
+
+class SharedCommand:
+    """
+    Makes the command for one event once per relay address its
+    subscribers use (normally one), encoded, so that fanning an event out
+    to many subscribers costs one encoding, and their outboxes share it.
+    """
+
+    def __init__(
+        self, entityPath: str, requestTarget: str, headers: dict[str, str], remote: dict[str, Any], hasBody: bool
+    ) -> None:
+        self._args = (entityPath, requestTarget, headers, remote, hasBody)
+        self._encoded: dict[str, bytes] = {}
+
+    def __call__(self, channel: Any) -> bytes:
+        base = channel.rendezvousBase
+        encoded = self._encoded.get(base)
+        if encoded is None:
+            from relaynet.protocols.control import encodeCommand
+
+            encoded = self._encoded[base] = encodeCommand(eventCommand(base, *self._args))
+        return encoded
 
 
 class DiscardLeg:
@@ -196,10 +219,9 @@ class PublisherLeg:
         }
         target = "/" + self.entity.name + self.suffix
 
-        def makeCommand(channel: Any) -> dict[str, Any]:
-            return eventCommand(channel.rendezvousBase, entityPath, target, headers, info.remoteEndpoint(), True)
-
-        self.relay.registry.broadcast(self.entity, makeCommand, body)
+        self.relay.registry.broadcast(
+            self.entity, SharedCommand(entityPath, target, headers, info.remoteEndpoint(), True), body
+        )
 
     def closeFrame(self, code: int | None, reason: bytes | None) -> bool:
         return False

@@ -336,7 +336,7 @@ class HttpExchange:
         Hand an event to every subscriber, or a one-way message to one
         listener, and tell the sender at once: 202, and to how many.
         """
-        from relaynet.protocols.pubsub import eventCommand
+        from relaynet.protocols.pubsub import SharedCommand
 
         assert self.entity is not None
         path, _, query = self.uri.partition("?")
@@ -349,9 +349,7 @@ class HttpExchange:
         remote = {"address": getattr(peer, "host", ""), "port": getattr(peer, "port", 0)}
         entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
 
-        def makeCommand(channel: IListenerChannel) -> dict[str, Any]:
-            return eventCommand(channel.rendezvousBase, entityPath, target, headers, remote, True)
-
+        makeCommand = SharedCommand(entityPath, target, headers, remote, True)
         registry = self.relay.registry
         if self.entity.kind == "event":
             d = registry.broadcast(self.entity, makeCommand, body)
