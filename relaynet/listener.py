@@ -85,7 +85,7 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from relaynet.auth import SasToken
-from relaynet.protocols.websocket import ClockTimer, stripRelayParameters
+from relaynet.protocols.websocket import ClockTimer, cancelTimers, stripRelayParameters
 from relaynet.streams import (
     RelayAddress,
     RelayConnectError,
@@ -796,12 +796,7 @@ class _Client(WebSocketClientProtocol):
             d.callback(None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for name in ("_dropCall", "closeHandshakeTimeoutCall"):
-            call = getattr(self, name, None)
-            if call is not None:
-                if call.active():
-                    call.cancel()
-                setattr(self, name, None)
+        cancelTimers(self, "_dropCall")
         super().connectionLost(reason)
 
     def _refused(self, reason: str | None) -> RelayRefused:

@@ -38,6 +38,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relaynet.protocols.websocket import cancelTimers
 from relaynet.tokens import TokenProvider, getToken
 
 __all__ = [
@@ -416,12 +417,7 @@ class StreamWebSocket(WebSocketClientProtocol):
             user.connectionLost(Failure(ended(f"relayed stream closed: {code} {reason or ''}".strip())))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for name in ("_dropCall", "closeHandshakeTimeoutCall"):
-            call = getattr(self, name, None)
-            if call is not None:
-                if call.active():
-                    call.cancel()
-                setattr(self, name, None)
+        cancelTimers(self, "_dropCall")
         super().connectionLost(reason)
 
     def _refused(self, reason: str | None) -> RelayConnectError:

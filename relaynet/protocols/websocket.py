@@ -34,7 +34,7 @@ from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
 from relaynet.registry import IListenerChannel, newConnectionId
 
-__all__ = ["ClockTimer", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
+__all__ = ["ClockTimer", "cancelTimers", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
 
 log = Logger()
 
@@ -348,10 +348,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         self.factory.connections.add(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # autobahn leaves this timer running when the connection goes.
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
+        cancelTimers(self)
         super().connectionLost(reason)
 
     def goAway(self) -> None:
@@ -376,6 +373,20 @@ class ClockTimer:
 
     def call_later(self, delay: float, func: Callable[..., Any], *args: Any, **kwargs: Any) -> IDelayedCall:
         return self._clock.callLater(delay, func, *args, **kwargs)
+
+
+def cancelTimers(proto: Any, *names: str) -> None:
+    """
+    Cancel the timers a WebSocket protocol holds in the attributes
+    C{names}, and clear them: autobahn leaves its close handshake timer
+    running when the connection goes.
+    """
+    for name in ("closeHandshakeTimeoutCall", *names):
+        call = getattr(proto, name, None)
+        if call is not None:
+            if call.active():
+                call.cancel()
+            setattr(proto, name, None)
 
 
 class HybridConnectionFactory(WebSocketServerFactory):
