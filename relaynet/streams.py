@@ -26,6 +26,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
+    IHalfCloseableProtocol,
     IConsumer,
     IDelayedCall,
     IProducer,
@@ -292,6 +293,13 @@ class _StreamTransport:
             self.disconnecting = True
             self._socket.closeStream()
 
+    def loseWriteConnection(self) -> None:
+        """
+        Close the sending side only: the other side sees the end of the
+        stream, and may still answer (half-close).
+        """
+        self._socket.closeStream()
+
     def abortConnection(self) -> None:
         self.disconnecting = True
         self._socket.dropConnection(abort=True)
@@ -342,6 +350,7 @@ class StreamWebSocket(WebSocketClientProtocol):
         self.user: Any = None
         self.opened: Deferred[Any] = Deferred(lambda d: self._cancelled())
         self.cancelled = False
+        self._peerClosed = False
         self._refusal: str | None = None
         self._streamTransport: _StreamTransport | None = None
         self._dropCall: IDelayedCall | None = None
@@ -393,12 +402,25 @@ class StreamWebSocket(WebSocketClientProtocol):
             self.user.dataReceived(payload)
 
     def closeStream(self) -> None:
-        if self.state == self.STATE_OPEN:
+        if self.state == self.STATE_OPEN and self._peerClosed:
+            # The answer to the other side's close, held until now; the relay
+            # then ends the TCP connection, or we do after a while.
+            self.sendCloseFrame(code=NORMAL_CLOSURE, isReply=True)
+            if self._dropCall is None:
+                self._dropCall = self.clock.callLater(CLOSE_TIMEOUT, self.dropConnection, True)
+        elif self.state == self.STATE_OPEN:
             self.sendClose(NORMAL_CLOSURE)
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
 
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> Any:
+        if self.state == self.STATE_OPEN and IHalfCloseableProtocol.providedBy(self.user) and not self._peerClosed:
+            # The other side is done sending; a half-closeable protocol may
+            # still write, and closes when it is done.
+            self._peerClosed = True
+            self.wasClean = True
+            self.user.readConnectionLost()
+            return None
         closing = self.state == self.STATE_CLOSING
         result = super().onCloseFrame(code, reasonRaw)
         if closing and self._dropCall is None and self.transport is not None:
@@ -413,7 +435,8 @@ class StreamWebSocket(WebSocketClientProtocol):
             return
         if self.user is not None:
             user, self.user = self.user, None
-            ended = ConnectionDone if wasClean and code in (NORMAL_CLOSURE, 1001, None) else ConnectionLost
+            clean = self._peerClosed or (wasClean and code in (NORMAL_CLOSURE, 1001, None))
+            ended = ConnectionDone if clean else ConnectionLost
             user.connectionLost(Failure(ended(f"relayed stream closed: {code} {reason or ''}".strip())))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

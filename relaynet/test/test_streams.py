@@ -9,7 +9,11 @@ import json
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from typing import Any
+
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from zope.interface import implementer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -197,3 +201,65 @@ class StreamEdgeTests(TestCase):
 
         with self.assertRaises(ConnectionLost):
             await proto.whenWritable()
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloser(Collect):
+    """
+    Answers once the other side is done sending, then closes.
+    """
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"answer after your end")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class HalfCloseTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.relay = RelayFixture(self, ["--entity", "hyco"])
+        self.url = f"ws://{self.relay.host}"
+        self.tokens = fromKey(KEY_NAME, KEY, reactor)
+
+    async def pair(self, factory: Factory) -> tuple[Any, Any]:
+        control = await self.relay.listener("hyco")
+        connecting = connectStream(reactor, self.url, "hyco", self.tokens, factory)
+        accept = json.loads((await control.messages.get())[0])["accept"]
+        leg = self.relay.connect(accept["address"])
+        proto = await connecting
+        await leg.opened
+        return proto, leg
+
+    async def test_peerEndsFirst(self) -> None:
+        """
+        When the listener side closes first, a half-closeable protocol sees
+        the end of input, may still write, and its answer arrives before
+        the close completes.
+        """
+        proto, leg = await self.pair(Factory.forProtocol(HalfCloser))
+        leg.sendClose(1000)
+        self.assertEqual(await leg.messages.get(), (b"answer after your end", True))
+        await leg.closed
+        self.assertIsInstance(await proto.ended, ConnectionDone)
+
+    async def test_loseWriteConnection(self) -> None:
+        """
+        Closing the sending side only: the other side sees the close, and
+        what it sends afterwards still arrives.
+        """
+        from relaynet.test.test_loopback_ws import _LastWords
+
+        control = await self.relay.listener("hyco")
+        connecting = connectStream(reactor, self.url, "hyco", self.tokens, Factory.forProtocol(Collect))
+        accept = json.loads((await control.messages.get())[0])["accept"]
+        leg = self.relay.connect(accept["address"], protocolClass=_LastWords)
+        proto = await connecting
+        await leg.opened
+        proto.transport.write(b"request")
+        proto.transport.loseWriteConnection()
+        await proto.ended
+        self.assertEqual(proto.received, b"last words")
