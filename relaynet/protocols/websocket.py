@@ -12,6 +12,7 @@ whose role is settled by the action it is asked for.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict, deque
 from typing import Any, Callable, cast
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
@@ -19,6 +20,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -105,6 +107,12 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         return Deferred.fromCoroutine(self._connect(request))
 
     async def _connect(self, request: ConnectionRequest) -> Any:
+        throttle = self.factory.throttle
+        delay = throttle.delay(self.info.peerHost)
+        if delay:
+            # A client that keeps failing (hyco-ws reconnects at once, twice
+            # per failure) waits before its next answer.
+            await deferLater(self.relay.clock, delay, lambda: None)
         try:
             action = self.info.query.get("sb-hc-action", "connect")
             if action == "listen":
@@ -117,6 +125,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
                 return self._request()
             raise BadRequest(f"Unsupported action '{action}'.")
         except RelayError as e:
+            throttle.failed(self.info.peerHost)
             log.info(
                 "refused {action} on {path} from {peer}: {error}",
                 action=self.info.query.get("sb-hc-action", "connect"),
@@ -389,6 +398,48 @@ def cancelTimers(proto: Any, *names: str) -> None:
             setattr(proto, name, None)
 
 
+class FailureThrottle:
+    """
+    Remembers recent refusals by client address; an address refused more
+    than C{allowed} times within C{window} seconds waits C{delay} seconds
+    before each next answer.  At most C{maxPeers} addresses are kept.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, window: float = 10.0, allowed: int = 20, delay: float = 1.0, maxPeers: int = 10000
+    ) -> None:
+        self._clock = clock
+        self._window = window
+        self._allowed = allowed
+        self._delay = delay
+        self._maxPeers = maxPeers
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, peer: str) -> deque[float] | None:
+        times = self._failures.get(peer)
+        if times is not None:
+            horizon = self._clock.seconds() - self._window
+            while times and times[0] < horizon:
+                times.popleft()
+            if not times:
+                del self._failures[peer]
+                return None
+        return times
+
+    def failed(self, peer: str) -> None:
+        times = self._recent(peer)
+        if times is None:
+            times = self._failures[peer] = deque(maxlen=self._allowed + 1)
+        times.append(self._clock.seconds())
+        self._failures.move_to_end(peer)
+        while len(self._failures) > self._maxPeers:
+            self._failures.popitem(last=False)
+
+    def delay(self, peer: str) -> float:
+        times = self._recent(peer)
+        return self._delay if times is not None and len(times) > self._allowed else 0.0
+
+
 class HybridConnectionFactory(WebSocketServerFactory):
     protocol = HybridConnectionProtocol  # type: ignore[assignment]
 
@@ -396,6 +447,7 @@ class HybridConnectionFactory(WebSocketServerFactory):
         super().__init__(server="relaynet")
         self._batched_timer = ClockTimer(relay.clock)
         self.relay = relay
+        self.throttle = FailureThrottle(relay.clock)
         self.connections: set[HybridConnectionProtocol] = set()
         settings = relay.settings
         self.setProtocolOptions(

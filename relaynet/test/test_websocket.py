@@ -663,3 +663,37 @@ class ResourceTests(SynchronousTestCase):
         h = Harness()
         transport = self._request(h, f"GET /$hc/hyco HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 This endpoint is only for web-socket requests"))
+
+
+class ThrottleTests(SynchronousTestCase):
+    """
+    A client address that keeps being refused waits before its next answer.
+    """
+
+    def test_repeatedFailuresAreSlowed(self) -> None:
+        h = Harness()
+        for _ in range(21):
+            self.assertEqual(h.connect("/$hc/hyco?sb-hc-action=listen").status, 401)
+        slowed = h.connect("/$hc/hyco?sb-hc-action=listen")
+        self.assertIsNone(slowed.status)
+        h.clock.advance(1)
+        self.assertEqual(slowed.status, 401)
+
+    def test_otherClientsNotSlowed(self) -> None:
+        h = Harness()
+        for _ in range(25):
+            h.connect("/$hc/hyco?sb-hc-action=listen")
+        other = h.connect("/$hc/hyco?sb-hc-action=listen", peer=("198.51.100.9", 4000))
+        self.assertEqual(other.status, 401)
+        # The slowed address is still served, a second later.
+        listener = h.listen()
+        self.assertIsNone(listener.status)
+        h.clock.advance(1)
+        self.assertEqual(listener.status, 101)
+
+    def test_forgottenAfterTheWindow(self) -> None:
+        h = Harness()
+        for _ in range(25):
+            h.connect("/$hc/hyco?sb-hc-action=listen")
+        h.clock.advance(30)
+        self.assertEqual(h.connect("/$hc/hyco?sb-hc-action=listen").status, 401)
