@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, unquote
 from xml.sax.saxutils import escape
 
 from twisted.internet.interfaces import IDelayedCall
@@ -42,6 +42,7 @@ from relaynet.errors import (
 )
 from relaynet.protocols.control import encodeCommand
 from relaynet.protocols.splice import ReadSide
+from relaynet.protocols.websocket import stripRelayParameters
 from relaynet.registry import IListenerChannel, newConnectionId
 
 if TYPE_CHECKING:
@@ -213,6 +214,12 @@ class HttpExchange:
         self.request = request
         self.method = method
         self.uri = uri
+        # What the listener is shown: the path and query less the relay's
+        # own sb-hc- parameters.
+        self.path, _, rawQuery = uri.partition("?")
+        self.query = stripRelayParameters(rawQuery)
+        self.requestTarget = self.path + ("?" + self.query if self.query else "")
+        self.entityPath = ""
         self.rendezvousId = newConnectionId(None)
         self._body: list[bytes] = []
         self._bodyEnded = False
@@ -250,10 +257,8 @@ class HttpExchange:
             raise MethodNotAllowed("CONNECT is not relayed.")
         if "websocket" in (self.request.getHeader("upgrade") or "").lower():
             raise BadRequest("HTTP relaying does not upgrade connections: WebSocket senders connect under /$hc/.")
-        path, _, query = self.uri.partition("?")
-        from urllib.parse import unquote
-
-        self.entity, self.suffix = self.relay.namespace.resolve(unquote(path))
+        self.entity, self.suffix = self.relay.namespace.resolve(unquote(self.path))
+        self.entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
         self.relay.authorize(self._handshakeInfo(), self.entity, Rights.SEND, token=self._token())
         oneWay = (self.request.getHeader(ONE_WAY_HEADER) or "").lower() in ("1", "true", "yes")
         self.message = self.entity.kind == "event" or oneWay
@@ -339,17 +344,7 @@ class HttpExchange:
         from relaynet.protocols.pubsub import SharedCommand
 
         assert self.entity is not None
-        path, _, query = self.uri.partition("?")
-        from relaynet.protocols.websocket import stripRelayParameters
-
-        query = stripRelayParameters(query)
-        target = path + ("?" + query if query else "")
-        headers = self._requestHeaders()
-        peer = self.request.getClientAddress()
-        remote = {"address": getattr(peer, "host", ""), "port": getattr(peer, "port", 0)}
-        entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
-
-        makeCommand = SharedCommand(entityPath, target, headers, remote, True)
+        makeCommand = SharedCommand(self.entityPath, self.requestTarget, self._requestHeaders(), self._remote(), True)
         registry = self.relay.registry
         if self.entity.kind == "event":
             d = registry.broadcast(self.entity, makeCommand, body)
@@ -392,31 +387,26 @@ class HttpExchange:
         The request's rendezvous address; C{{base}} stands for the relay as
         the listener reaches it until a listener is chosen.
         """
-        assert self.entity is not None
-        path, _, query = self.uri.partition("?")
-        from relaynet.protocols.websocket import stripRelayParameters
-
-        query = stripRelayParameters(query)
         base = self.channel.rendezvousBase if self.channel is not None else "{base}"
+        query = self.query
         return (
-            f"{base}/$hc/{quote(self.entity.name + self.suffix, safe='/;:@&=+$,!~*()-._')}?"
+            f"{base}/$hc/{self.entityPath}?"
             f"{query + '&' if query else ''}sb-hc-action=request&sb-hc-id={self.rendezvousId}"
         )
 
-    def _fullRequest(self, hasBody: bool) -> dict[str, Any]:
-        from relaynet.protocols.websocket import stripRelayParameters
-
-        path, _, query = self.uri.partition("?")
-        query = stripRelayParameters(query)
+    def _remote(self) -> dict[str, Any]:
         peer = self.request.getClientAddress()
+        return {"address": getattr(peer, "host", ""), "port": getattr(peer, "port", 0)}
+
+    def _fullRequest(self, hasBody: bool) -> dict[str, Any]:
         return {
             "request": {
                 "address": self._address(),
                 "id": self.rendezvousId,
-                "requestTarget": path + ("?" + query if query else ""),
+                "requestTarget": self.requestTarget,
                 "method": self.method,
                 "requestHeaders": self._requestHeaders(),
-                "remoteEndpoint": {"address": getattr(peer, "host", ""), "port": getattr(peer, "port", 0)},
+                "remoteEndpoint": self._remote(),
                 "body": hasBody,
             }
         }
@@ -584,7 +574,7 @@ class HttpExchange:
 
     def _stalled(self) -> None:
         self._deadline = None
-        log.info("{method} {uri}: the response body stalled", method=self.method, uri=self.uri.partition("?")[0])
+        log.info("{method} {uri}: the response body stalled", method=self.method, uri=self.path)
         if self.request.startedWriting:
             self._abort()
         else:
@@ -629,7 +619,7 @@ class HttpExchange:
         self.error = error
         self.finished = True
         self._cleanUp()
-        log.info("{method} {uri}: {error}", method=self.method, uri=self.uri.partition("?")[0], error=str(error))
+        log.info("{method} {uri}: {error}", method=self.method, uri=self.path, error=str(error))
         if self.leg is not None:
             self.leg.sendCloseFrame(code=1011, reasonUtf8=b"The request failed.")
         if self._bodyEnded:

@@ -16,7 +16,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IListeningPort,
     IStreamClientEndpoint,
@@ -24,14 +24,13 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.wire import Echo
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -54,6 +53,7 @@ from relaynet.endpoints import (
 )
 from relaynet.listener import RelayRefused
 from relaynet.streams import AuthorizationError, NoListenerError, RelayAddress, RelayConnectError, RejectedError
+from relaynet.test.test_streams import Collect
 from relaynet.test.support import KEY, KEY_NAME, RelayFixture, makeCertificate
 from relaynet.tokens import getToken
 
@@ -386,18 +386,6 @@ class ListeningPortTests(SynchronousTestCase):
 
 
 # End to end, over a relay on 127.0.0.1.
-
-
-class Collect(Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-        self.ended: Deferred[BaseException] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.ended.callback(reason.value)
 
 
 class Counted(Factory):
