@@ -73,6 +73,19 @@ class HandshakeInfo:
     peerHost: str = ""
     peerPort: int = 0
 
+    def forgetRequest(self) -> None:
+        """
+        Drop the request's headers and query once the handshake is over.
+
+        Only deciding the handshake reads them (the action, the token, the
+        ids, the headers passed on to a listener); an open connection keeps
+        the host and the peer, and an idle one should not carry about 2 KiB
+        of request text for nothing.
+        """
+        self.rawQuery = ""
+        self.headers = []
+        self.query = {}
+
     def header(self, name: str) -> str | None:
         lower = name.lower()
         for key, value in self.headers:

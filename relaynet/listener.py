@@ -93,6 +93,7 @@ from relaynet.streams import (
     relayEndpoint,
     resourceUri,
 )
+from relaynet.native import NativeStream, nativeRequest, oneShotFactory
 from relaynet.streams import streamFactory as makeStreamFactory
 from relaynet.tokens import TokenProvider, fromKey, getToken
 
@@ -1093,6 +1094,7 @@ class HybridListener:
         pingTimeout: float | None = None,
         tokenRenewInterval: float = DEFAULT_TOKEN_RENEW_INTERVAL,
         retryPolicy: RetryPolicy | None = None,
+        native: bool = False,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and
@@ -1130,6 +1132,10 @@ class HybridListener:
         @param retryPolicy: the delay before reconnect attempt C{n}
             (0-based since the last success); L{defaultRetryPolicy} by
             default.
+        @param native: accept senders' streams as native streams
+            (L{relaynet.native}: raw bytes, no WebSocket framing), a
+            relaynet extension that Azure Relay refuses.  Senders may be
+            native or not either way.
         """
         self.reactor = reactor
         self.baseUrl = baseUrl.rstrip("/")
@@ -1163,7 +1169,8 @@ class HybridListener:
         self._lastToken: str | None = None
         self._first: Deferred[None] | None = None
         self._rendezvous: set[_Client] = set()
-        self._streams: set[_AcceptedStream] = set()
+        self._native = native
+        self._streams: set[_AcceptedStream | NativeStream] = set()
         self._connecting: set[Deferred[Any]] = set()
         self._inFlight: set[RelayedHttpRequest] = set()
         self._started = False
@@ -1469,6 +1476,9 @@ class HybridListener:
     async def _acceptStream(self, request: AcceptRequest) -> None:
         host = RelayAddress(self.baseUrl, self.entity)
         peer = RelayAddress(self.baseUrl, self.entity, request.remote)
+        if self._native:
+            await self._acceptNative(request, host, peer)
+            return
         proto = _AcceptedStream(self, host, peer)
         protocols = request.subprotocols[:1]
         factory = makeStreamFactory(request.address, proto, self.reactor, None, protocols, RENDEZVOUS_TIMEOUT)
@@ -1480,6 +1490,25 @@ class HybridListener:
             raise
         await proto.opened
         log.debug("accepted sender {id}", id=request.id)
+
+    async def _acceptNative(self, request: AcceptRequest, host: RelayAddress, peer: RelayAddress) -> None:
+        assert self._streamFactory is not None
+        stream = NativeStream(
+            self._streamFactory, nativeRequest(request.address, {}), host, peer, self.reactor, RENDEZVOUS_TIMEOUT
+        )
+        self._streams.add(stream)
+        stream.whenClosed().addCallback(lambda _: self._streams.discard(stream))
+        connecting = self._endpoint(request.address).connect(oneShotFactory(stream))
+        self._connecting.add(connecting)
+        try:
+            await connecting
+        except BaseException:
+            self._streams.discard(stream)
+            raise
+        finally:
+            self._connecting.discard(connecting)
+        await stream.opened
+        log.debug("accepted sender {id} natively", id=request.id)
 
     async def _reject(self, request: AcceptRequest, status: int, reason: str) -> None:
         joiner = "&" if "?" in request.address else "?"

@@ -488,6 +488,7 @@ def connectStream(
     subprotocols: list[str] | None = None,
     timeout: float = CONNECT_TIMEOUT,
     trustRoot: Any = None,
+    native: bool = False,
 ) -> Deferred[Protocol]:
     """
     Connect a protocol from C{factory} to a listener of C{entity} through
@@ -497,12 +498,19 @@ def connectStream(
         takes anonymous senders.
     @param headers: more headers for the listener to see.
     @param subprotocols: WebSocket subprotocols to offer the listener.
+    @param native: a native stream (L{relaynet.native}): raw bytes on the
+        connection to the relay, no WebSocket framing; a relaynet
+        extension, which Azure Relay refuses.
     @return: fires with the connected protocol, or fails with
         L{NoListenerError}, L{EndpointNotFoundError}, L{AuthorizationError},
         L{RejectedError} or L{ConnectTimeoutError}.
     """
+    if native and subprotocols:
+        raise ValueError("Subprotocols are a WebSocket feature; a native stream has none.")
     return Deferred.fromCoroutine(
-        _connectStream(reactor, relayUrl, entity, tokenProvider, factory, headers, subprotocols, timeout, trustRoot)
+        _connectStream(
+            reactor, relayUrl, entity, tokenProvider, factory, headers, subprotocols, timeout, trustRoot, native
+        )
     )
 
 
@@ -516,6 +524,7 @@ async def _connectStream(
     subprotocols: list[str] | None,
     timeout: float,
     trustRoot: Any,
+    native: bool = False,
 ) -> Protocol:
     entity = entity.strip("/")
     allHeaders = dict(headers or {})
@@ -527,7 +536,14 @@ async def _connectStream(
         f"{relayUrl.rstrip('/')}/$hc/{quote(entity, safe='/')}"
         f"?sb-hc-action=connect&sb-hc-id={uuid.uuid4()}"
     )
-    proto = StreamWebSocket(factory, RelayAddress(relayUrl, entity), RelayAddress(relayUrl, entity), reactor)
+    address = RelayAddress(relayUrl, entity)
+    if native:
+        from relaynet.native import NativeStream, nativeRequest, oneShotFactory
+
+        stream = NativeStream(factory, nativeRequest(url, allHeaders), address, address, reactor, timeout)
+        await relayEndpoint(reactor, url, trustRoot, timeout).connect(oneShotFactory(stream))
+        return cast(Protocol, await stream.opened)
+    proto = StreamWebSocket(factory, address, address, reactor)
     wsFactory = streamFactory(url, proto, reactor, allHeaders, subprotocols, timeout)
     await relayEndpoint(reactor, url, trustRoot).connect(wsFactory)
     return await proto.opened

@@ -76,11 +76,14 @@ class ControlChannel:
         self.listenerId = listenerId
         self.rendezvousBase = info.baseUrl
         self.registered = False
+        # Made with the first message offered (see _openOutbox).
         self.outbox: Outbox | None = None
+        self._open = False
         # HTTP requests sent on this channel and not yet answered, by id.
         self.exchanges: dict[str, Any] = {}
         self._bodyFor: Any = None
-        self._token = token
+        # Of the token only its expiry matters once it is checked.
+        self._tokenExpiry = token.expiry
         self._expiry: IDelayedCall | None = None
 
     def __repr__(self) -> str:
@@ -98,20 +101,33 @@ class ControlChannel:
             peer=self.info.peerHost,
         )
         self._scheduleExpiry()
-        self.outbox = Outbox(self, self.relay.settings.subscriberOutbox)
-        transport: Any = self.proto.transport
-        transport.registerProducer(self.outbox, True)
+        self._open = True
+
+    def _openOutbox(self) -> Outbox | None:
+        """
+        The outbox, made when the first event or one-way message is offered
+        (C{None} until the channel is open).
+
+        Most listeners never get one, and an idle listener should not hold
+        an empty queue (about 1 KiB).  From then on the outbox is this
+        transport's producer: a full send buffer holds the messages back.
+        """
+        if self.outbox is None and self._open:
+            self.outbox = Outbox(self, self.relay.settings.subscriberOutbox)
+            transport: Any = self.proto.transport
+            transport.registerProducer(self.outbox, True)
+        return self.outbox
 
     def _scheduleExpiry(self) -> None:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         clock = self.relay.clock
-        delay = self._token.expiry + self.relay.settings.tokenGrace - clock.seconds()
+        delay = self._tokenExpiry + self.relay.settings.tokenGrace - clock.seconds()
         self._expiry = clock.callLater(max(delay, 0), self._expired)
 
     def _expired(self) -> None:
         self._expiry = None
-        when = datetime.datetime.fromtimestamp(self._token.expiry, datetime.timezone.utc)
+        when = datetime.datetime.fromtimestamp(self._tokenExpiry, datetime.timezone.utc)
         self.close(POLICY_VIOLATION, f"The token expired at {when:%Y-%m-%dT%H:%M:%SZ} and was not renewed.")
 
     def close(self, code: int, reason: str) -> None:
@@ -130,10 +146,12 @@ class ControlChannel:
 
     def offer(self, command: dict[str, Any] | bytes, body: bytes | None = None) -> bool:
         encoded = command if isinstance(command, bytes) else encodeCommand(command)
-        return self.outbox is not None and self.outbox.offer(encoded, body)
+        outbox = self._openOutbox()
+        return outbox is not None and outbox.offer(encoded, body)
 
     def hasRoom(self) -> bool:
-        return self.outbox is not None and self.outbox.hasRoom()
+        # An outbox not made yet is empty.
+        return self.outbox.hasRoom() if self.outbox is not None else self._open
 
     def sendEncoded(self, encoded: bytes, body: bytes | None) -> None:
         if self.proto.state == self.proto.STATE_OPEN:
@@ -202,7 +220,7 @@ class ControlChannel:
             self.close(POLICY_VIOLATION, f"Token renewal failed: {e.reason}")
             return
         assert checked is not None
-        self._token = checked
+        self._tokenExpiry = checked.expiry
         self._scheduleExpiry()
         log.debug("listener {listener} renewed its token", listener=self.listenerId)
 

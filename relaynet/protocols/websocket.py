@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
-from typing import Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import wildcards2patterns
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -35,6 +36,10 @@ from relaynet.protocols.control import GOING_AWAY, ControlChannel
 from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
 from relaynet.registry import IListenerChannel, newConnectionId
+
+if TYPE_CHECKING:
+    from relaynet.entities import Entity
+    from relaynet.protocols.native import NativeParty
 
 __all__ = ["ClockTimer", "cancelTimers", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
 
@@ -67,9 +72,32 @@ def stripRelayParameters(rawQuery: str) -> str:
     return "&".join(kept) if any(kept) or len(kept) > 1 else ""
 
 
+class Pending(Protocol):
+    """
+    A sender held at the rendezvous, WebSocket (L{PendingSender}) or native
+    (L{relaynet.protocols.native.NativeSender}).
+    """
+
+    def deny(self, error: RelayError) -> None:
+        """
+        The relay refuses the sender with C{error}.
+        """
+
+    def reject(self, status: int, description: str) -> None:
+        """
+        The listener refused the sender.
+        """
+
+    def join(self, listener: HybridConnectionProtocol | NativeParty) -> None:
+        """
+        The listener is at the rendezvous: connect the two.
+        """
+
+
 class PendingSender:
     """
-    A sender whose upgrade is held until its listener accepts or rejects.
+    A WebSocket sender whose upgrade is held until its listener accepts or
+    rejects.
     """
 
     def __init__(self, proto: HybridConnectionProtocol, offered: list[str]) -> None:
@@ -83,8 +111,128 @@ class PendingSender:
     def reject(self, status: int, description: str) -> None:
         self.result.errback(ConnectionDeny(status, safeReason(description)))
 
-    def accept(self, protocol: str | None) -> None:
-        self.result.callback(protocol if protocol in self.offered else None)
+    def join(self, listener: HybridConnectionProtocol | NativeParty) -> None:
+        """
+        The listener is at the rendezvous, its own handshake done: open the
+        sender and join the two before either can send.
+        """
+        sender = self.proto
+        if isinstance(listener, HybridConnectionProtocol):
+            sender.role = Leg(sender)
+            listener.role.partner = sender.role
+            sender.role.partner = listener.role
+            protocol = listener.websocket_protocol_in_use
+            self.result.callback(protocol if protocol in self.offered else None)
+            if sender.state == sender.STATE_OPEN:
+                splice(sender.role, listener.role)
+            else:
+                listener.dropConnection(abort=True)
+        else:
+            from relaynet.protocols.native import BridgeLeg, joinBridge
+
+            sender.role = bridge = BridgeLeg(sender)
+            self.result.callback(None)
+            if sender.state == sender.STATE_OPEN:
+                joinBridge(bridge, listener.takeOver())
+            else:
+                listener.refuse(BadGateway("The sender left before the rendezvous."))
+
+
+def offerSender(
+    relay: Relay, info: HandshakeInfo, entity: Entity, suffix: str, pending: Pending, rendezvousId: str
+) -> Deferred[IListenerChannel]:
+    """
+    Hold C{pending} at the rendezvous as C{rendezvousId} and offer it to one
+    of C{entity}'s listeners with an C{accept} command.
+
+    @return: fires with the listener's channel once the command is sent; or
+        fails with the relay's refusal (no listener, busy).  Whether the
+        listener comes is C{pending}'s business: it is joined, rejected or
+        denied (at the accept deadline) later.
+    """
+    if not relay.rendezvous.add(
+        rendezvousId,
+        pending,
+        relay.settings.acceptTimeout,
+        lambda p: p.deny(
+            ListenerTimeout(
+                "None of the connected listeners accepted the connection within the allowed timeout. "
+                f"TrackingId:{rendezvousId}, SystemTracker:{entity.name}"
+            )
+        ),
+    ):
+        raise ServerBusy("The relay is busy: too many connections are waiting for a listener.")
+    query = stripRelayParameters(info.rawQuery)
+    pathPart = quote(entity.name + suffix, safe="/;:@&=+$,!~*'()-._")
+    headers = _connectHeaders(info)
+
+    def acceptCommand(channel: IListenerChannel) -> dict[str, Any]:
+        address = (
+            f"{channel.rendezvousBase}/$hc/{pathPart}?{query + '&' if query else ''}"
+            f"sb-hc-action=accept&sb-hc-id={quote(rendezvousId, safe='')}"
+        )
+        return {
+            "accept": {
+                "address": address,
+                "id": rendezvousId,
+                "connectHeaders": headers,
+                "remoteEndpoint": info.remoteEndpoint(),
+            }
+        }
+
+    async def deliver() -> IListenerChannel:
+        try:
+            channel = await relay.registry.deliver(entity, acceptCommand)
+        except RelayError:
+            relay.rendezvous.take(rendezvousId)
+            raise
+        log.debug(
+            "sender {id} on {entity} offered to {listener}",
+            id=rendezvousId,
+            entity=entity.name,
+            listener=channel.listenerId,
+        )
+        return channel
+
+    return Deferred.fromCoroutine(deliver())
+
+
+def _connectHeaders(info: HandshakeInfo) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in info.headers:
+        if name.lower() in _PRIVATE_HEADERS:
+            continue
+        name = _SPELLING.get(name.lower(), name)
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def takePending(relay: Relay, info: HandshakeInfo) -> Pending:
+    """
+    A listener arrived at the rendezvous of C{info}'s C{sb-hc-id}: take the
+    sender waiting there.  A listener that brings a status code rejects the
+    sender with it, and is itself answered 410 (L{Gone}).
+    """
+    rendezvousId = info.query.get("sb-hc-id", "")
+    pending = relay.rendezvous.take(rendezvousId)
+    if pending is None:
+        raise ListenerTimeout(
+            f"Unknown connection id {rendezvousId!r}. Is the listener accepting the connection too late?"
+        )
+    query = info.query
+    status = query.get("sb-hc-statusCode", query.get("statusCode"))
+    if status is not None:
+        description = query.get("sb-hc-statusDescription", query.get("statusDescription", ""))
+        try:
+            code = int(status)
+            if not 100 <= code <= 999:
+                raise ValueError(code)
+        except ValueError:
+            pending.deny(BadRequest("The listener rejected the connection with an invalid status code."))
+            raise BadRequest("sb-hc-statusCode must be an integer between 100 and 999.") from None
+        pending.reject(code, description or "Rejected by the listener")
+        raise Gone("The connection was rejected.")
+    return pending
 
 
 class HybridConnectionProtocol(WebSocketServerProtocol):
@@ -98,6 +246,26 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
     role: Any = None
     _pendingId: str | None = None
     _pendingSender: PendingSender | None = None
+
+    # autobahn options the relay never changes, fixed here as class
+    # attributes: autobahn copies each option it does not find on the
+    # protocol from the factory onto every connection.  Keeping these off
+    # the instances keeps each connection's __dict__ at most 85 entries,
+    # below the size where CPython doubles it (from 1.6 to 3.3 KiB), which
+    # is a large part of what an idle connection costs.  Options set with
+    # factory.setProtocolOptions() do not apply to these.
+    logOctets = False
+    logFrames = False
+    trackTimings = False
+    autoFragmentSize = 0
+    webStatus = False
+    serveFlashSocketPolicy = False
+    flashSocketPolicy = ""
+    allowedOrigins = ["*"]
+    allowedOriginsPatterns = wildcards2patterns(allowedOrigins)
+    allowNullOrigin = True
+    maxConnections = 0
+    trustXForwardedFor = 0
 
     @property
     def relay(self) -> Relay:
@@ -175,86 +343,19 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
 
             self.role = PublisherLeg(self, entity, suffix)
             return None
-        rendezvousId = newConnectionId(self._clientId())
         pending = PendingSender(self, list(request.protocols))
-        if not relay.rendezvous.add(
-            rendezvousId,
-            pending,
-            relay.settings.acceptTimeout,
-            lambda p: p.deny(
-                ListenerTimeout(
-                    "None of the connected listeners accepted the connection within the allowed timeout. "
-                    f"TrackingId:{rendezvousId}, SystemTracker:{entity.name}"
-                )
-            ),
-        ):
-            raise ServerBusy("The relay is busy: too many connections are waiting for a listener.")
-        self._pendingId = rendezvousId
         self._pendingSender = pending
-        query = stripRelayParameters(self.info.rawQuery)
-        pathPart = quote(entity.name + suffix, safe="/;:@&=+$,!~*'()-._")
-
-        def acceptCommand(channel: IListenerChannel) -> dict[str, Any]:
-            address = (
-                f"{channel.rendezvousBase}/$hc/{pathPart}?{query + '&' if query else ''}"
-                f"sb-hc-action=accept&sb-hc-id={quote(rendezvousId, safe='')}"
-            )
-            return {
-                "accept": {
-                    "address": address,
-                    "id": rendezvousId,
-                    "connectHeaders": self._connectHeaders(),
-                    "remoteEndpoint": self.info.remoteEndpoint(),
-                }
-            }
-
+        rendezvousId = newConnectionId(self._clientId())
+        self._pendingId = rendezvousId
         try:
-            channel = await relay.registry.deliver(entity, acceptCommand)
-        except RelayError:
-            relay.rendezvous.take(rendezvousId)
-            self._pendingId = None
-            raise
-        log.debug(
-            "sender {id} on {entity} offered to {listener}",
-            id=rendezvousId,
-            entity=entity.name,
-            listener=channel.listenerId,
-        )
-        # The listener's arrival at the rendezvous makes this side a leg.
-        try:
+            await offerSender(relay, self.info, entity, suffix, pending, rendezvousId)
+            # The listener's arrival at the rendezvous makes this side a leg.
             return await pending.result
         finally:
             self._pendingId = self._pendingSender = None
 
-    def _connectHeaders(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        for name, value in self.info.headers:
-            if name.lower() in _PRIVATE_HEADERS:
-                continue
-            name = _SPELLING.get(name.lower(), name)
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return headers
-
     def _accept(self, request: ConnectionRequest) -> str | None:
-        rendezvousId = self.info.query.get("sb-hc-id", "")
-        pending = self.relay.rendezvous.take(rendezvousId)
-        if pending is None:
-            raise ListenerTimeout(
-                f"Unknown connection id {rendezvousId!r}. Is the listener accepting the connection too late?"
-            )
-        query = self.info.query
-        status = query.get("sb-hc-statusCode", query.get("statusCode"))
-        if status is not None:
-            description = query.get("sb-hc-statusDescription", query.get("statusDescription", ""))
-            try:
-                code = int(status)
-                if not 100 <= code <= 999:
-                    raise ValueError(code)
-            except ValueError:
-                pending.deny(BadRequest("The listener rejected the connection with an invalid status code."))
-                raise BadRequest("sb-hc-statusCode must be an integer between 100 and 999.") from None
-            pending.reject(code, description or "Rejected by the listener")
-            raise Gone("The connection was rejected.")
+        pending = takePending(self.relay, self.info)
         self.role = Leg(self)
         self._pendingSender = pending
         return request.protocols[0] if request.protocols else None
@@ -273,9 +374,34 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
         self.role = RequestLeg(self, exchange)
         return None
 
+    # What autobahn keeps of the opening handshake: the request and response
+    # texts and their parsed forms.  Nothing reads them once the connection
+    # is open.
+    _HANDSHAKE_ATTRIBUTES = (
+        "http_request_data",
+        "http_response_data",
+        "http_status_line",
+        "http_headers",
+        "http_request_uri",
+        "http_request_path",
+        "http_request_params",
+        "http_request_host",
+    )
+
+    def _handshakeOver(self) -> None:
+        """
+        Let go of what only the opening handshake needed: about 5 KiB per
+        connection, which idle listeners and relayed connections would
+        otherwise hold for their whole life.
+        """
+        for name in self._HANDSHAKE_ATTRIBUTES:
+            setattr(self, name, None)
+        self.info.forgetRequest()
+
     def onOpen(self) -> None:
         from relaynet.protocols.request import RequestLeg
 
+        self._handshakeOver()
         if isinstance(self.role, RequestLeg):
             self.role.exchange.legOpened(self)
         elif isinstance(self.role, ControlChannel):
@@ -284,15 +410,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
             # The listener is at the rendezvous: open the sender, and join
             # them before either can send.
             pending, self._pendingSender = self._pendingSender, None
-            sender = pending.proto
-            sender.role = Leg(sender)
-            self.role.partner = sender.role
-            sender.role.partner = self.role
-            pending.accept(self.websocket_protocol_in_use)
-            if sender.state == self.STATE_OPEN:
-                splice(sender.role, self.role)
-            else:
-                self.dropConnection(abort=True)
+            pending.join(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isinstance(self.role, ControlChannel):
@@ -488,9 +606,11 @@ class HybridConnectionResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         from relaynet.frontdoor import errorResponse
+        from relaynet.protocols.native import NativeUpgrade, isNativeUpgrade
 
         host = request.getHeader("host") or ""
-        if not _isUpgrade(request):
+        native = isNativeUpgrade(request)
+        if not native and not _isUpgrade(request):
             return errorResponse(request, BadRequest("This endpoint is only for web-socket requests"))
         if not _HOST.match(host):
             return errorResponse(request, BadRequest("The Host header is missing or not valid."))
@@ -505,8 +625,7 @@ class HybridConnectionResource(Resource):
             for name, values in request.requestHeaders.getAllRawHeaders()
             for value in values
         ]
-        proto = cast(HybridConnectionProtocol, self.factory.buildProtocol(peer))
-        proto.info = HandshakeInfo(
+        info = HandshakeInfo(
             host=host,
             secure=request.isSecure(),
             path=path[len("/$hc/") :],
@@ -516,21 +635,35 @@ class HybridConnectionResource(Resource):
             peerHost=getattr(peer, "host", ""),
             peerPort=getattr(peer, "port", 0),
         )
-        self._takeOver(request, proto, headers)
-        return NOT_DONE_YET
-
-    def _takeOver(self, request: Request, proto: HybridConnectionProtocol, headers: list[tuple[str, str]]) -> None:
-        channel = request.channel
-        transport: Any = channel.transport
-        channel.setTimeout(None)
-        transport.unregisterProducer()
-        channel.transport = None
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = proto
-        else:
-            transport.protocol = proto
-        proto.makeConnection(transport)
+        if native:
+            NativeUpgrade(self.factory, request, info).start()
+            return NOT_DONE_YET
+        proto = cast(HybridConnectionProtocol, self.factory.buildProtocol(peer))
+        proto.info = info
+        transport = takeOverChannel(request, proto)
         head = [request.method + b" " + request.uri + b" HTTP/1.1"]
         head.extend(f"{name}: {value}".encode("latin-1") for name, value in headers)
         proto.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
         transport.resumeProducing()
+        return NOT_DONE_YET
+
+
+def takeOverChannel(request: Request, proto: IProtocol) -> Any:
+    """
+    Take C{request}'s connection from C{twisted.web} and connect C{proto}
+    to it.  The transport stays paused (C{twisted.web} pauses it while it
+    handles a request) until the caller resumes it.
+
+    @return: the transport.
+    """
+    channel = request.channel
+    transport: Any = channel.transport
+    channel.setTimeout(None)
+    transport.unregisterProducer()
+    channel.transport = None
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = proto
+    else:
+        transport.protocol = proto
+    proto.makeConnection(transport)
+    return transport

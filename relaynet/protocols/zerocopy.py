@@ -1,0 +1,295 @@
+# -*- test-case-name: relaynet.test.test_zerocopy -*-
+"""
+Moving a native stream's bytes between two TCP sockets in the kernel.
+
+Linux's C{splice(2)} moves bytes from a socket into a pipe and from the
+pipe into another socket without copying them through the process.  A
+L{KernelSplice} owns two sockets that Twisted has stopped watching, and for
+each direction moves what the source has, as far as the destination takes
+it, one pipe-full at a time:
+
+    - when the destination is full, the bytes wait in the pipe and the
+      source is not read until the destination is writable again, so the
+      only buffer is the pipe (backpressure, as on the Python path);
+    - an end of stream is passed on as a half-close (C{shutdown(SHUT_WR)})
+      once the pipe is empty; when both directions have ended, both
+      connections close;
+    - an error on either socket resets both.
+
+Pipes are lent from a small pool only while bytes are in flight, so an idle
+stream holds no pipe and no file descriptor beyond its two sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet.interfaces import IReactorFDSet, IReadWriteDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["KernelSplice", "PipePool", "available"]
+
+log = Logger()
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: The pipe size asked for: the most one splice call moves.
+PIPE_SIZE = 1 << 20
+
+
+def available(reactor: Any) -> bool:
+    """
+    Whether C{reactor} can watch file descriptors and the platform has
+    C{splice(2)}.
+    """
+    return sys.platform.startswith("linux") and hasattr(os, "splice") and IReactorFDSet.providedBy(reactor)
+
+
+class _Pipe:
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.size = fcntl.fcntl(self.write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+        except OSError:
+            # Above /proc/sys/fs/pipe-max-size for an unprivileged process.
+            self.size = fcntl.fcntl(self.write, fcntl.F_GETPIPE_SZ)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        os.close(self.read)
+        os.close(self.write)
+
+
+class PipePool:
+    """
+    Empty pipes to lend, keeping at most C{keep} of them between uses.
+    """
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._free: list[_Pipe] = []
+
+    def take(self) -> _Pipe:
+        return self._free.pop() if self._free else _Pipe()
+
+    def give(self, pipe: _Pipe) -> None:
+        """
+        Take back an empty pipe.
+        """
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            pipe.close()
+
+
+_pool = PipePool()
+
+
+class _Flow:
+    """
+    One direction of a splice: from C{source}'s socket to C{sink}'s.
+
+    @ivar greeting: bytes to send to the sink before any spliced ones.
+    @ivar inPipe: bytes read from the source and not yet in the sink.
+    """
+
+    def __init__(self, owner: KernelSplice, source: _Socket, sink: _Socket, greeting: bytes) -> None:
+        self.owner = owner
+        self.source = source
+        self.sink = sink
+        self.greeting = greeting
+        self.pipe: _Pipe | None = None
+        self.inPipe = 0
+        self.ended = False
+        self.done = False
+
+    def start(self) -> None:
+        if self._drain():
+            self.source.want(read=True)
+
+    def readable(self) -> None:
+        """
+        The source has bytes, or its end: move one pipe-full.
+        """
+        if self.done or not self._drain():
+            return
+        pipe = self.pipe or _pool.take()
+        try:
+            moved = os.splice(self.source.fd, pipe.write, pipe.size, flags=_FLAGS)
+        except BlockingIOError:
+            moved = -1
+        except OSError as e:
+            self.pipe = pipe
+            self.owner.fail(e)
+            return
+        if moved < 0:
+            if self.pipe is None:
+                _pool.give(pipe)
+            return
+        self.pipe = pipe
+        if moved == 0:
+            self.ended = True
+            self.source.want(read=False)
+        else:
+            self.inPipe += moved
+        self._drain()
+
+    def writable(self) -> None:
+        """
+        The sink can take more: empty the pipe into it, then read again.
+        """
+        if not self.done and self._drain() and not self.ended:
+            self.source.want(read=True)
+
+    def _drain(self) -> bool:
+        """
+        Send the greeting and the pipe's bytes to the sink.
+
+        @return: whether all went; if not, the source is not read until
+            the sink is writable.
+        """
+        try:
+            while self.greeting:
+                sent = self.sink.sock.send(self.greeting)
+                self.greeting = self.greeting[sent:]
+            while self.inPipe:
+                assert self.pipe is not None
+                self.inPipe -= os.splice(self.pipe.read, self.sink.fd, self.inPipe, flags=_FLAGS)
+        except BlockingIOError:
+            self.source.want(read=False)
+            self.sink.want(write=True)
+            return False
+        except OSError as e:
+            self.owner.fail(e)
+            return False
+        self.sink.want(write=False)
+        if self.pipe is not None:
+            _pool.give(self.pipe)
+            self.pipe = None
+        if self.ended:
+            self._finish()
+        return True
+
+    def _finish(self) -> None:
+        self.done = True
+        try:
+            self.sink.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                self.owner.fail(e)
+                return
+        self.owner.flowDone()
+
+    def discard(self) -> None:
+        """
+        The splice failed: the pipe's bytes are of no use to anyone.
+        """
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+        self.done = True
+
+
+@implementer(IReadWriteDescriptor)
+class _Socket:
+    """
+    One spliced socket as the reactor sees it: readable means its flow out
+    may go on, writable that its flow in may.
+    """
+
+    outbound: _Flow
+    inbound: _Flow
+
+    def __init__(self, owner: KernelSplice, transport: Any) -> None:
+        self.owner = owner
+        self.transport = transport
+        self.sock: socket.socket = transport.socket
+        self.fd = transport.fileno()
+        self.reading = False
+        self.writing = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "KernelSplice"
+
+    def doRead(self) -> None:
+        self.outbound.readable()
+
+    def doWrite(self) -> None:
+        self.inbound.writable()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw the socket hang up or fail.
+        self.owner.fail(reason.value)
+
+    def want(self, read: bool | None = None, write: bool | None = None) -> None:
+        reactor = self.owner.reactor
+        if read is not None and read != self.reading:
+            self.reading = read
+            (reactor.addReader if read else reactor.removeReader)(self)
+        if write is not None and write != self.writing:
+            self.writing = write
+            (reactor.addWriter if write else reactor.removeWriter)(self)
+
+    def release(self) -> None:
+        self.want(read=False, write=False)
+
+
+class KernelSplice:
+    """
+    Two TCP connections joined in the kernel.
+
+    @param transports: Twisted TCP transports, each already connected to a
+        protocol that ignores them from now on; the splice stops Twisted
+        watching them and, when done, closes them through Twisted, so
+        their protocols see C{connectionLost}.
+    @param greetings: bytes to send on the first and the second connection
+        before any spliced bytes (the C{101} of each).
+    """
+
+    def __init__(self, reactor: Any, first: Any, second: Any, firstGreeting: bytes = b"", secondGreeting: bytes = b"") -> None:
+        self.reactor = reactor
+        self.sockets = (_Socket(self, first), _Socket(self, second))
+        a, b = self.sockets
+        self.flows = (_Flow(self, a, b, secondGreeting), _Flow(self, b, a, firstGreeting))
+        a.outbound = b.inbound = self.flows[0]
+        b.outbound = a.inbound = self.flows[1]
+        self.over = False
+
+    def start(self) -> None:
+        for s in self.sockets:
+            s.transport.stopReading()
+            s.transport.stopWriting()
+            s.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for flow in self.flows:
+            if not self.over:
+                flow.start()
+
+    def flowDone(self) -> None:
+        if all(flow.done for flow in self.flows) and not self.over:
+            self._end(clean=True)
+
+    def fail(self, error: BaseException) -> None:
+        if self.over:
+            return
+        log.debug("kernel splice ends: {error}", error=error)
+        for flow in self.flows:
+            flow.discard()
+        self._end(clean=False)
+
+    def _end(self, clean: bool) -> None:
+        self.over = True
+        for s in self.sockets:
+            s.release()
+        for s in self.sockets:
+            if clean:
+                s.transport.loseConnection()
+            else:
+                s.transport.abortConnection()

@@ -1,0 +1,439 @@
+"""
+Native streams (raw bytes after an HTTP upgrade to C{relaynet-stream})
+through a real relay on 127.0.0.1: the same behaviour as the WebSocket
+path, for every pairing of a native or WebSocket sender with a native or
+WebSocket listener, over TCP and over TLS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from relaynet.listener import HybridListener
+from relaynet.protocols import zerocopy
+from relaynet.streams import (
+    AuthorizationError,
+    ConnectTimeoutError,
+    EndpointNotFoundError,
+    NoListenerError,
+    RejectedError,
+    RelayAddress,
+    connectStream,
+)
+from relaynet.test.support import KEY, KEY_NAME, RelayFixture
+from relaynet.tokens import fixedToken, fromKey
+
+
+class Sink(Protocol):
+    """
+    Keeps what it receives, and how its connection ended.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.ended: Deferred[Any] = Deferred()
+        self.readEnded = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.ended.callback(reason.value if reason is not None else None)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfSink(Sink):
+    """
+    A sink that sees the end of its input before its connection's end,
+    and then closes, as a half-closeable protocol on TCP does.
+    """
+
+    def readConnectionLost(self) -> None:
+        self.readEnded = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class Echo(Protocol):
+    """
+    Sends back what it gets; remembers its addresses.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.accepted.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+@implementer(IHalfCloseableProtocol)
+class Answerer(Protocol):
+    """
+    Reads the whole request, and answers with its digest once the sender
+    has finished sending; then closes.
+    """
+
+    def connectionMade(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.digest.update(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(self.digest.hexdigest().encode("ascii"))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class Slow(Protocol):
+    """
+    Reads nothing until told to.
+    """
+
+    def connectionMade(self) -> None:
+        self.received = 0
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.factory.accepted.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+
+
+async def waitFor(condition: Any, timeout: float = 20) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("timed out")
+
+
+class _Behaviour:
+    """
+    The behaviour suite; subclasses choose each side's transport and TLS.
+    """
+
+    senderNative = True
+    listenerNative = True
+    tls = False
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.relay = RelayFixture(self, ["--entity", "hyco", "--entity", "other", "--accept-timeout", "2"], tls=self.tls)  # type: ignore[arg-type]
+        self.url = f"{'wss' if self.tls else 'ws'}://{self.relay.host}"
+        self.trustRoot = None
+        if self.tls:
+            with open(self.relay.certPath or "", "rb") as f:
+                self.trustRoot = Certificate.loadPEM(f.read())
+
+    async def listen(self, factory: Factory, entity: str = "hyco", **kwargs: Any) -> HybridListener:
+        listener = HybridListener(
+            reactor, self.url, entity, fromKey(KEY_NAME, KEY, reactor), streamFactory=factory,
+            trustRoot=self.trustRoot, native=self.listenerNative, **kwargs
+        )
+        self.addCleanup(listener.close)  # type: ignore[attr-defined]
+        await listener.listen()
+        return listener
+
+    def send(self, factory: Factory, entity: str = "hyco", tokens: Any = "key", **kwargs: Any) -> Deferred[Any]:
+        if tokens == "key":
+            tokens = fromKey(KEY_NAME, KEY, reactor)
+        return connectStream(
+            reactor, self.url, entity, tokens, factory, trustRoot=self.trustRoot, native=self.senderNative, **kwargs
+        )
+
+    def echoFactory(self) -> Factory:
+        factory = Factory.forProtocol(Echo)
+        factory.accepted = []  # type: ignore[attr-defined]
+        return factory
+
+    async def test_echo(self) -> None:
+        """
+        Bytes of every size come back unchanged, and the listener's
+        transport names the relay and the sender.
+        """
+        echo = self.echoFactory()
+        await self.listen(echo)
+        sink = await self.send(Factory.forProtocol(Sink))
+        self.addCleanup(sink.transport.loseConnection)
+        sent = b""
+        for size in (1, 100, 65536, 65537, 1024 * 1024 + 3):
+            payload = os.urandom(size)
+            sent += payload
+            sink.transport.write(payload)
+        await waitFor(lambda: len(sink.received) >= len(sent))
+        self.assertEqual(bytes(sink.received), sent)
+        [accepted] = echo.accepted  # type: ignore[attr-defined]
+        self.assertEqual(accepted.transport.getHost(), RelayAddress(self.url, "hyco"))
+        peer = accepted.transport.getPeer()
+        self.assertIsInstance(peer, RelayAddress)
+        self.assertEqual(peer.host, "127.0.0.1")
+        self.assertEqual(sink.transport.getPeer(), RelayAddress(self.url, "hyco"))
+
+    async def test_manyStreams(self) -> None:
+        """
+        Concurrent streams stay apart.
+        """
+        await self.listen(self.echoFactory())
+        sinks = [await self.send(Factory.forProtocol(Sink)) for _ in range(8)]
+        payloads = [os.urandom(200000) for _ in sinks]
+        for sink, payload in zip(sinks, payloads):
+            self.addCleanup(sink.transport.loseConnection)
+            sink.transport.write(payload)
+        await waitFor(lambda: all(len(s.received) >= len(p) for s, p in zip(sinks, payloads)))
+        self.assertEqual([bytes(s.received) for s in sinks], payloads)
+
+    async def test_halfClose(self) -> None:
+        """
+        The sender ends its side; the listener reads to the end, answers,
+        and closes; the sender gets the whole answer and a clean end.
+        """
+        await self.listen(Factory.forProtocol(Answerer))
+        sink = await self.send(Factory.forProtocol(HalfSink))
+        payload = os.urandom(3 * 1024 * 1024)
+        sink.transport.write(payload)
+        sink.transport.loseWriteConnection()
+        reason = await sink.ended
+        self.assertEqual(bytes(sink.received), hashlib.sha256(payload).hexdigest().encode("ascii"))
+        self.assertIsInstance(reason, ConnectionDone)
+
+    async def test_listenerCloses(self) -> None:
+        """
+        A listener that closes ends the sender's stream cleanly, after all
+        it wrote.
+        """
+        closer = Factory.forProtocol(Protocol)
+        closer.accepted = []  # type: ignore[attr-defined]
+
+        class Closer(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"bye" * 1000)  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        await self.listen(Factory.forProtocol(Closer))
+        sink = await self.send(Factory.forProtocol(Sink))
+        reason = await sink.ended
+        self.assertEqual(bytes(sink.received), b"bye" * 1000)
+        self.assertIsInstance(reason, ConnectionDone)
+
+    async def test_backpressure(self) -> None:
+        """
+        A listener that does not read stops the sender: the sender's
+        transport pauses its producer, and the relay holds a bounded amount
+        (socket buffers and at most a pipe), not the stream.
+        """
+        slow = Factory.forProtocol(Slow)
+        slow.accepted = []  # type: ignore[attr-defined]
+        await self.listen(slow)
+        sink = await self.send(Factory.forProtocol(Sink))
+        self.addCleanup(sink.transport.loseConnection)
+        paused: list[bool] = []
+
+        @implementer(IPushProducer)
+        class Producer:
+            def pauseProducing(self) -> None:
+                paused.append(True)
+
+            def resumeProducing(self) -> None:
+                paused.append(False)
+
+            def stopProducing(self) -> None:
+                pass
+
+        sink.transport.registerProducer(Producer(), True)
+        chunk = os.urandom(256 * 1024)
+        written = 0
+        while not (paused and paused[-1]) and written < 512 * 1024 * 1024:
+            sink.transport.write(chunk)
+            written += len(chunk)
+            await deferLater(reactor, 0, lambda: None)
+        self.assertTrue(paused and paused[-1], "the sender was never paused")
+        self.assertLess(written, 64 * 1024 * 1024)
+        [receiver] = slow.accepted  # type: ignore[attr-defined]
+        self.assertEqual(receiver.received, 0)
+        receiver.transport.resumeProducing()
+        await waitFor(lambda: receiver.received >= written)
+        self.assertEqual(receiver.received, written)
+
+    async def test_noListener(self) -> None:
+        with self.assertRaises(NoListenerError) as e:
+            await self.send(Factory.forProtocol(Sink))
+        self.assertEqual(e.exception.status, 404)
+
+    async def test_unknownEntity(self) -> None:
+        with self.assertRaises(EndpointNotFoundError):
+            await self.send(Factory.forProtocol(Sink), entity="nowhere")
+
+    async def test_badToken(self) -> None:
+        await self.listen(self.echoFactory())
+        with self.assertRaises(AuthorizationError) as e:
+            await self.send(Factory.forProtocol(Sink), tokens=fixedToken("SharedAccessSignature sr=x&sig=y&se=1&skn=z"))
+        self.assertEqual(e.exception.status, 401)
+
+    async def test_tokenForAnotherEntity(self) -> None:
+        await self.listen(self.echoFactory())
+        wrong = fromKey(KEY_NAME, "d3Jvbmcta2V5", reactor)
+        with self.assertRaises(AuthorizationError):
+            await self.send(Factory.forProtocol(Sink), tokens=wrong)
+
+    async def test_rejected(self) -> None:
+        await self.listen(self.echoFactory(), acceptHandler=lambda request: (451, "Not here"))
+        with self.assertRaises(RejectedError) as e:
+            await self.send(Factory.forProtocol(Sink))
+        self.assertEqual((e.exception.status, e.exception.reason), (451, "Not here"))
+
+    async def test_acceptTimeout(self) -> None:
+        """
+        A listener that never decides: the sender is answered at the
+        relay's accept deadline (2 s here).
+        """
+        never: Deferred[bool] = Deferred()
+        self.addCleanup(lambda: never.called or never.callback(False))
+        await self.listen(self.echoFactory(), acceptHandler=lambda request: never)
+        with self.assertRaises(ConnectTimeoutError):
+            await self.send(Factory.forProtocol(Sink))
+
+    async def test_senderLeavesWhileWaiting(self) -> None:
+        """
+        A sender that gives up while its listener decides frees its place;
+        the listener, accepting late, is refused and the relay stays well.
+        """
+        decided: Deferred[bool] = Deferred()
+        self.addCleanup(lambda: decided.called or decided.callback(False))
+        await self.listen(self.echoFactory(), acceptHandler=lambda request: decided)
+        connecting = self.send(Factory.forProtocol(Sink))
+        await waitFor(lambda: len(self.relay.relay.rendezvous) == 1)
+        connecting.cancel()
+        with self.assertRaises(Exception):
+            await connecting
+        await waitFor(lambda: len(self.relay.relay.rendezvous) == 0)
+        decided.callback(True)
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(self.relay.relay.rendezvous), 0)
+
+
+class NativeTCPTests(_Behaviour, TestCase):
+    """
+    Native on both sides, plain TCP: the relay splices in the kernel.
+    """
+
+    async def test_kernelSplice(self) -> None:
+        """
+        The relay hands native-to-native streams on TCP to the kernel.
+        """
+        started: list[Any] = []
+        original = zerocopy.KernelSplice.start
+
+        def start(self: zerocopy.KernelSplice) -> None:
+            started.append(self)
+            original(self)
+
+        self.patch(zerocopy.KernelSplice, "start", start)
+        await self.listen(self.echoFactory())
+        sink = await self.send(Factory.forProtocol(Sink))
+        self.addCleanup(sink.transport.loseConnection)
+        sink.transport.write(b"x" * 1000)
+        await waitFor(lambda: len(sink.received) >= 1000)
+        self.assertEqual(len(started), 1 if zerocopy.available(reactor) else 0)
+
+
+class NativeTLSTests(_Behaviour, TestCase):
+    tls = True
+
+    async def test_halfClose(self) -> None:
+        """
+        TLS has no half-close in Twisted: ending the sending side ends the
+        stream; the listener still sees all that was sent.
+        """
+        answered = Factory.forProtocol(Answerer)
+        await self.listen(answered)
+        sink = await self.send(Factory.forProtocol(Sink))
+        sink.transport.write(b"abc")
+        sink.transport.loseConnection()
+        reason = await sink.ended
+        self.assertIsInstance(reason, ConnectionDone)
+
+
+class NativeSenderWebSocketListenerTests(_Behaviour, TestCase):
+    listenerNative = False
+
+
+class WebSocketSenderNativeListenerTests(_Behaviour, TestCase):
+    senderNative = False
+
+
+class NativeSenderWebSocketListenerTLSTests(_Behaviour, TestCase):
+    listenerNative = False
+    tls = True
+    test_halfClose = NativeTLSTests.test_halfClose
+
+
+class RawWireTests(TestCase):
+    """
+    The upgrade on the wire, with a plain socket: what any client in any
+    language would do.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.relay = RelayFixture(self, ["--entity", "hyco"])
+
+    def exchange(self, request: bytes) -> bytes:
+        sock = socket.create_connection(("127.0.0.1", self.relay.port), timeout=10)
+        try:
+            sock.sendall(request)
+            answer = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return answer
+                answer += data
+        finally:
+            sock.close()
+
+    async def test_noListenerAnswer(self) -> None:
+        """
+        A refusal is an HTTP answer with the JSON error body, then a close.
+        """
+        token = self.relay.token("hyco")
+        request = (
+            f"GET /$hc/hyco?sb-hc-action=connect HTTP/1.1\r\nHost: {self.relay.host}\r\n"
+            f"Upgrade: relaynet-stream\r\nConnection: Upgrade\r\nServiceBusAuthorization: {token}\r\n\r\n"
+        ).encode()
+        answer = await deferToThreadish(self.exchange, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+        self.assertIn(b'"code"', body)
+
+    async def test_unknownAction(self) -> None:
+        request = (
+            f"GET /$hc/hyco?sb-hc-action=listen HTTP/1.1\r\nHost: {self.relay.host}\r\n"
+            "Upgrade: relaynet-stream\r\nConnection: Upgrade\r\n\r\n"
+        ).encode()
+        answer = await deferToThreadish(self.exchange, request)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+        self.assertIn(b"not 'listen'", answer)
+
+
+def deferToThreadish(f: Any, *args: Any) -> Deferred[Any]:
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(f, *args)
