@@ -6,7 +6,7 @@ NODE_DIR := relaynet/test/node
 DATA_DIR ?= relaynet-data
 RUN_ARGS ?= --listen tcp:9090:interface=127.0.0.1 --dynamic-entities --data-dir $(DATA_DIR)
 
-.PHONY: run test install install-test node-deps bench clean
+.PHONY: run test install install-test node-deps bench bench-peers bench-suite clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,24 @@ test: install-test
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# The peers of the comparison suite (crossbar, magic-wormhole-transit-relay),
+# in a venv of their own; socat comes from the system.
+PEERS_VENV := bench/.venv-peers
+
+$(PEERS_VENV)/.installed: bench/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	@command -v socat >/dev/null || echo "socat not found: the suite skips it (apt-get install -y socat)"
+
+# Every workload (bench/streams.py, rpc.py, pubsub.py, idle.py) against its
+# peers; writes bench/RESULTS.md.  SUITE_ARGS: e.g. --quick, --only streams.
+bench-suite: install bench-peers
+	$(BIN)/python bench/suite.py $(SUITE_ARGS)
 
 clean:
 	rm -rf $(VENV) _trial_temp* $(NODE_DIR)/node_modules
