@@ -62,12 +62,18 @@ class RelaySite(Site):
     protocol = RelayHttpChannel  # type: ignore[assignment]
     requestFactory = RelayRequest
 
-    def __init__(self, relay: Relay, resource: IResource, **kwargs: object) -> None:
+    def __init__(self, relay: Relay, resource: IResource, accessLog: bool = False, **kwargs: object) -> None:
         super().__init__(resource, **kwargs)  # type: ignore[arg-type]
         self.relay = relay
+        self.accessLog = accessLog
         self.displayTracebacks = False
 
+    def log(self, request: Request) -> None:
+        # One line per request is worth its cost only to those who ask.
+        if self.accessLog:
+            super().log(request)
 
-def makeSite(relay: Relay) -> tuple[RelaySite, HybridConnectionFactory]:
+
+def makeSite(relay: Relay, accessLog: bool = False) -> tuple[RelaySite, HybridConnectionFactory]:
     websockets = HybridConnectionFactory(relay)
-    return RelaySite(relay, FrontDoor(relay, websockets), reactor=relay.clock), websockets
+    return RelaySite(relay, FrontDoor(relay, websockets), accessLog, reactor=relay.clock), websockets

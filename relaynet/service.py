@@ -55,10 +55,12 @@ class RelayService(MultiService):
     A relay serving one namespace on any number of server endpoints.
     """
 
-    def __init__(self, relay: Relay, reactor: Any, endpoints: list[str], keyRule: Rule | None = None) -> None:
+    def __init__(
+        self, relay: Relay, reactor: Any, endpoints: list[str], keyRule: Rule | None = None, accessLog: bool = False
+    ) -> None:
         super().__init__()
         self.relay = relay
-        self.site, self.websockets = makeSite(relay)
+        self.site, self.websockets = makeSite(relay, accessLog)
         self.keyRule = keyRule
         self.ports: list[IListeningPort] = []
         self._reactor = reactor
@@ -92,7 +94,7 @@ class RelayService(MultiService):
             clock=reactor,
             settings=settings,
         )
-        return cls(relay, reactor, config["listen"], keyRule)
+        return cls(relay, reactor, config["listen"], keyRule, accessLog=bool(config["access-log"]))
 
     def startService(self) -> None:
         """

@@ -10,6 +10,7 @@ grace period) without a renewal it is closed with code 1008.
 from __future__ import annotations
 
 import datetime
+import struct
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -155,9 +156,9 @@ class ControlChannel:
 
     def sendEncoded(self, encoded: bytes, body: bytes | None) -> None:
         if self.proto.state == self.proto.STATE_OPEN:
-            self.proto.sendMessage(encoded, isBinary=False)
-            if body is not None:
-                self.proto.sendMessage(body, isBinary=True)
+            # Whole frames, straight to the transport: a control channel
+            # sends whole messages only, so nothing can be half-sent.
+            self.proto.transport.write(_frames.get(encoded, body))
 
     def fellBehind(self, missed: int) -> None:
         """
@@ -235,3 +236,42 @@ class ControlChannel:
             self.registered = False
             self.relay.listenerLeft(self.entity, self)
             log.info("listener {listener} on {entity} gone", listener=self.listenerId, entity=self.entity.name)
+
+
+def serverFrame(opcode: int, payload: bytes) -> bytes:
+    """
+    One whole, unmasked WebSocket frame (RFC 6455 section 5.2), as a server
+    sends it.
+    """
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return head + payload
+
+
+class _LastFrames:
+    """
+    The frames of the last command sent, kept so that an event fanned out
+    to many subscribers, whose outboxes hold the very same C{bytes}, is
+    framed once rather than once per subscriber.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[bytes, bytes | None] | None = None
+        self._frames = b""
+
+    def get(self, encoded: bytes, body: bytes | None) -> bytes:
+        key = self._key
+        if key is None or key[0] is not encoded or key[1] is not body:
+            frames = serverFrame(0x1, encoded)
+            if body is not None:
+                frames += serverFrame(0x2, body)
+            self._key, self._frames = (encoded, body), frames
+        return self._frames
+
+
+_frames = _LastFrames()

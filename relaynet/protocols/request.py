@@ -141,6 +141,14 @@ class RelayHttpChannel(HTTPChannel):
 
     totalHeadersSize = MAX_HEADER_BYTES
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Requests, answers and handshakes are small and wait on each other:
+        # no Nagle delay on any relay socket.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+
     def lineReceived(self, line: bytes) -> None:
         before = len(self.requests)
         super().lineReceived(line)

@@ -252,3 +252,49 @@ class CloseReasonTests(SynchronousTestCase):
 
     def test_shortReasonKept(self) -> None:
         self.assertEqual(closeReason("gone"), b"gone")
+
+
+class ServerFrameTests(SynchronousTestCase):
+    """
+    Commands go out as frames made by the relay itself.
+    """
+
+    def test_lengths(self) -> None:
+        """
+        Each length form of RFC 6455 section 5.2: the header says FIN, the
+        opcode, no mask and the length; the payload follows unchanged.
+        """
+        import struct
+
+        from relaynet.protocols.control import serverFrame
+
+        for size in (0, 1, 125, 126, 65535, 65536, 70000):
+            payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+            frame = serverFrame(0x2, payload)
+            self.assertEqual(frame[0], 0x82)
+            short = frame[1]
+            self.assertEqual(short & 0x80, 0)
+            if short < 126:
+                length, offset = short, 2
+            elif short == 126:
+                length, offset = struct.unpack("!H", frame[2:4])[0], 4
+            else:
+                length, offset = struct.unpack("!Q", frame[2:10])[0], 10
+            self.assertEqual((length, frame[offset:]), (size, payload))
+            self.assertEqual(short < 126, size < 126)
+
+    def test_sharedFraming(self) -> None:
+        """
+        The same event bytes sent to many channels are framed once; other
+        bytes, even equal ones, are framed anew.
+        """
+        from relaynet.protocols.control import _LastFrames, serverFrame
+
+        frames = _LastFrames()
+        command, body = b'{"request": {}}', b"x" * 10
+        first = frames.get(command, body)
+        self.assertEqual(first, serverFrame(0x1, command) + serverFrame(0x2, body))
+        self.assertIs(frames.get(command, body), first)
+        other = frames.get(command, None)
+        self.assertEqual(other, serverFrame(0x1, command))
+        self.assertIsNot(frames.get(command, body), first)

@@ -423,6 +423,23 @@ class RawWireTests(TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
         self.assertIn(b'"code"', body)
 
+    async def test_noDelay(self) -> None:
+        """
+        Every connection the relay takes sets TCP_NODELAY.
+        """
+        from relaynet.protocols.request import RelayHttpChannel
+
+        seen: list[bool] = []
+        original = RelayHttpChannel.connectionMade
+
+        def made(channel: RelayHttpChannel) -> None:
+            original(channel)
+            seen.append(channel.transport.getTcpNoDelay())  # type: ignore[union-attr]
+
+        self.patch(RelayHttpChannel, "connectionMade", made)
+        await deferToThreadish(self.exchange, f"GET / HTTP/1.1\r\nHost: {self.relay.host}\r\nConnection: close\r\n\r\n".encode())
+        self.assertEqual(seen, [True])
+
     async def test_unknownAction(self) -> None:
         request = (
             f"GET /$hc/hyco?sb-hc-action=listen HTTP/1.1\r\nHost: {self.relay.host}\r\n"

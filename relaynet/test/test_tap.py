@@ -64,6 +64,26 @@ class OptionsTests(SynchronousTestCase):
     def test_dynamicEntities(self) -> None:
         self.assertTrue(parse("--dynamic-entities")["dynamic-entities"])
 
+    def test_accessLog(self) -> None:
+        """
+        The access log is off unless asked for, on the command line or in
+        the config file, and the relay's site follows.
+        """
+        self.assertFalse(parse()["access-log"])
+        self.assertTrue(parse("--access-log")["access-log"])
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("access-log = true\n")
+        self.assertTrue(parse("--config", path)["access-log"])
+        with open(path, "w") as f:
+            f.write('access-log = "yes"\n')
+        self.assertRaises(usage.UsageError, parse, "--config", path)
+        for args, expected in (([], False), (["--access-log"], True)):
+            options = parse("--data-dir", self.mktemp(), *args)
+            os.makedirs(options["data-dir"])
+            service = makeService(options, MemoryReactorClock())
+            self.assertIs(service.site.accessLog, expected)
+
     def test_anonymousSenders(self) -> None:
         options = parse("--anonymous-senders", "/Public/Echo/", "--anonymous-senders", "x")
         self.assertEqual(options["anonymous-senders"], ["public/echo", "x"])
