@@ -517,3 +517,62 @@ class HostnameTests(SynchronousTestCase):
         authorizer = Authorizer([rule], hostnames=["relay.example.com"])
         e = self.assertRaises(Forbidden, authorizer.authorize, token, "10.0.0.5:9090", "hyco", Rights.SEND, 1000)
         self.assertEqual(e.status, 403)
+
+
+class PassedTokenTests(SynchronousTestCase):
+    """
+    A token that passed is passed again without its signature being
+    checked again, but its expiry is checked every time.
+    """
+
+    def setUp(self) -> None:
+        self.authorizer = Authorizer([Rule(ROOT, KEY)])
+        self.verified: list[str] = []
+        original = self.authorizer._verify
+
+        def verify(token: SasToken, rules: tuple[Rule, ...]) -> Rule:
+            self.verified.append(token.signature)
+            return original(token, rules)
+
+        self.patch(self.authorizer, "_verify", verify)
+
+    def test_passedAgainCheaply(self) -> None:
+        for _ in range(3):
+            self.authorizer.authorize(HYCO_HTTPS, HOST, "hyco", Rights.SEND, NOW)
+        self.assertEqual(len(self.verified), 1)
+
+    def test_expiryCheckedEveryTime(self) -> None:
+        self.authorizer.authorize(HYCO_HTTPS, HOST, "hyco", Rights.SEND, NOW)
+        self.assertRaises(Unauthorized, self.authorizer.authorize, HYCO_HTTPS, HOST, "hyco", Rights.SEND, SE + 1.0)
+
+    def test_otherUseCheckedAgain(self) -> None:
+        """
+        Passing for one entity, host or right says nothing of another; a
+        token that failed is not remembered.
+        """
+        self.authorizer.authorize(HYCO_HTTPS, HOST, "hyco", Rights.SEND, NOW)
+        self.assertRaises(Forbidden, self.authorizer.authorize, HYCO_HTTPS, HOST, "other", Rights.SEND, NOW)
+        self.assertRaises(Forbidden, self.authorizer.authorize, HYCO_HTTPS, "evil.example", "hyco", Rights.SEND, NOW)
+        bad = withSignature(HYCO_HTTPS, "AAAA")
+        for _ in range(2):
+            self.assertRaises(Unauthorized, self.authorizer.authorize, bad, HOST, "hyco", Rights.SEND, NOW)
+        self.assertEqual(len(self.verified), 5)
+
+    def test_entityRulesOfTheCall(self) -> None:
+        """
+        A pass under one entity's own rules does not carry over to another
+        set of rules.
+        """
+        own = (Rule("EntityRule", OTHER_KEY),)
+        self.authorizer.authorize(HYCO_HTTPS, HOST, "hyco", Rights.SEND, NOW, own)
+        self.authorizer.authorize(HYCO_HTTPS, HOST, "hyco", Rights.SEND, NOW, ())
+        self.assertEqual(len(self.verified), 2)
+
+    def test_bounded(self) -> None:
+        from relaynet import auth
+
+        self.patch(auth, "PASSED_CACHE", 3)
+        for expiry in range(SE, SE + 10):
+            token = mintToken(f"http://{HOST}/hyco", ROOT, KEY, expiry)
+            self.authorizer.authorize(token, HOST, "hyco", Rights.SEND, NOW)
+        self.assertEqual(len(self.authorizer._passed), 3)
