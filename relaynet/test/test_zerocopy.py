@@ -1,0 +1,163 @@
+"""
+L{relaynet.protocols.zerocopy.KernelSplice} on real TCP connections on
+127.0.0.1: two clients whose server-side transports are spliced.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from relaynet.protocols import zerocopy
+
+
+class Held(Protocol):
+    """
+    A server-side connection waiting to be spliced; it must never see data.
+    """
+
+    def connectionMade(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.data = b""
+        self.factory.held.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+def readAll(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    received = bytearray()
+    while len(received) < limit:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        received += data
+    return bytes(received)
+
+
+class KernelSpliceTests(TestCase):
+    timeout = 60
+
+    async def setUp(self) -> None:
+        if not zerocopy.available(reactor):
+            raise SkipTest("splice(2) is not available here")
+        factory = Factory.forProtocol(Held)
+        factory.held = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.first = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.second = socket.create_connection(("127.0.0.1", port.getHost().port))
+        for sock in (self.first, self.second):
+            sock.settimeout(20)
+            self.addCleanup(sock.close)
+        for _ in range(500):
+            if len(factory.held) == 2:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.held: list[Held] = factory.held  # type: ignore[attr-defined]
+        self.splice = zerocopy.KernelSplice(
+            reactor, self.held[0].transport, self.held[1].transport, b"hello first\n", b"hello second\n"
+        )
+        self.splice.start()
+
+    async def test_greetingsThenBytes(self) -> None:
+        """
+        Each side gets its greeting first, then the other side's bytes,
+        unchanged, both ways at once.
+        """
+        up, down = os.urandom(3 * 1024 * 1024 + 5), os.urandom(2 * 1024 * 1024 + 7)
+
+        def talk(sock: socket.socket, payload: bytes) -> bytes:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            return readAll(sock)
+
+        first = deferToThread(talk, self.first, up)
+        second = deferToThread(talk, self.second, down)
+        self.assertEqual(await first, b"hello first\n" + down)
+        self.assertEqual(await second, b"hello second\n" + up)
+        await self.held[0].lost
+        await self.held[1].lost
+        self.assertEqual((self.held[0].data, self.held[1].data), (b"", b""))
+
+    async def test_halfClose(self) -> None:
+        """
+        One side ends its output and waits: the other sees the end, answers
+        and the answer arrives after the end was passed on.
+        """
+        self.first.sendall(b"question")
+        self.first.shutdown(socket.SHUT_WR)
+
+        def answer() -> bytes:
+            heard = readAll(self.second)
+            self.second.sendall(b"answer to " + heard[len(b"hello second\n") :])
+            self.second.shutdown(socket.SHUT_WR)
+            return heard
+
+        self.assertEqual(await deferToThread(answer), b"hello second\nquestion")
+        self.assertEqual(await deferToThread(readAll, self.first), b"hello first\nanswer to question")
+        await self.held[0].lost
+
+    async def test_backpressure(self) -> None:
+        """
+        A side that does not read stops the other: at most the socket
+        buffers and one pipe are in flight, and nothing is lost.
+        """
+        self.first.setblocking(False)
+        chunk = os.urandom(1 << 16)
+        sent = 0
+        for _ in range(2000):
+            try:
+                sent += self.first.send(chunk)
+            except BlockingIOError:
+                await deferLater(reactor, 0.05, lambda: None)
+                try:
+                    sent += self.first.send(chunk)
+                except BlockingIOError:
+                    break
+            await deferLater(reactor, 0, lambda: None)
+        self.assertLess(sent, 64 * 1024 * 1024, "the sender was never held back")
+        self.first.setblocking(True)
+        self.first.shutdown(socket.SHUT_WR)
+        received = await deferToThread(readAll, self.second)
+        self.assertEqual(len(received), len(b"hello second\n") + sent)
+
+    async def test_resetEndsBoth(self) -> None:
+        """
+        A connection that is reset takes the other down, and the pipes go.
+        """
+        self.first.sendall(b"some")
+        await deferLater(reactor, 0.05, lambda: None)
+        self.first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.first.close()
+        await self.held[1].lost
+        self.assertTrue(self.splice.over)
+        for flow in self.splice.flows:
+            self.assertIsNone(flow.pipe)
+
+
+class PipePoolTests(TestCase):
+    def test_keepsAtMost(self) -> None:
+        if not zerocopy.available(reactor):
+            raise SkipTest("splice(2) is not available here")
+        pool = zerocopy.PipePool(keep=2)
+        pipes = [pool.take() for _ in range(4)]
+        for pipe in pipes:
+            pool.give(pipe)
+        self.assertEqual(len(pool._free), 2)
+        self.assertIs(pool.take(), pipes[1])
+        for pipe in pipes[2:]:
+            self.assertRaises(OSError, os.fstat, pipe.read)
+        for pipe in pipes[:2]:
+            pipe.close()
