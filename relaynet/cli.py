@@ -4,10 +4,10 @@ The C{relaynet} command: SAS tokens, TCP forwarding and netcat-style stdio
 through a relay that speaks the Hybrid Connections protocol.
 
     relaynet token   --relay URL --entity NAME [--ttl SECONDS]
-    relaynet forward --relay URL --entity NAME --local [HOST:]PORT
-    relaynet forward --relay URL --entity NAME --serve --target HOST:PORT
-    relaynet listen  --relay URL --entity NAME
-    relaynet connect --relay URL --entity NAME
+    relaynet forward --relay URL --entity NAME --local [HOST:]PORT [--native]
+    relaynet forward --relay URL --entity NAME --serve --target HOST:PORT [--native]
+    relaynet listen  --relay URL --entity NAME [--native]
+    relaynet connect --relay URL --entity NAME [--native]
 
 Keys and tokens come from files or the environment, never from the command
 line: C{--key-file} or C{RELAYNET_KEY}, C{--token-file} or
@@ -362,6 +362,14 @@ class RelayOptions(_Options):
             raise usage.UsageError(f"{path} is not a PEM certificate") from None
 
 
+_NATIVE_FLAG = [
+    "native",
+    None,
+    "Use native streams: raw bytes on the connection to the relay, no WebSocket framing "
+    "(a relaynet extension; Azure Relay refuses it). The other side may use either kind.",
+]
+
+
 class TokenOptions(RelayOptions):
     """
     C{relaynet token}.
@@ -391,7 +399,7 @@ class ForwardOptions(RelayOptions):
         "and connect each relayed connection to --target. An end of input on either side ends "
         "the whole connection."
     )
-    optFlags = [["serve", "s", "Be the listener: connect relayed connections to --target."]]
+    optFlags = [["serve", "s", "Be the listener: connect relayed connections to --target."], _NATIVE_FLAG]
     optParameters: list[list[Any]] = [
         ["local", "l", None, "[HOST:]PORT to listen on; HOST defaults to 127.0.0.1."],
         ["target", "t", None, "With --serve: HOST:PORT to connect each relayed connection to."],
@@ -426,7 +434,8 @@ class _StdioOptions(RelayOptions):
             "N",
             "Close the connection at the end of standard input (by default it stays open "
             "until the other side closes it).",
-        ]
+        ],
+        _NATIVE_FLAG,
     ]
 
 
@@ -820,7 +829,7 @@ async def _localForward(reactor: Any, options: ForwardOptions, console: Console,
     def connectSecond(pair: _Pair) -> Deferred[Any]:
         connecting = connectStream(
             reactor, relay.url, relay.entity, tokens, _secondFactory(pair), timeout=options["timeout"],
-            trustRoot=relay.trustRoot,
+            trustRoot=relay.trustRoot, native=options["native"],
         )
         return connecting.addErrback(failed, pair)
 
@@ -860,7 +869,7 @@ async def _serveForward(reactor: Any, options: ForwardOptions, console: Console,
         return failure
 
     pairs = _PairSet(reactor, connectSecond)
-    listener, watch = _listener(reactor, relay, pairs, console)
+    listener, watch = _listener(reactor, relay, pairs, console, native=options["native"])
     await _startListening(listener, relay)
     console.say(f"serving {relay.where}: connections go to {options['target']}")
     await _unlessStopped(watch.offline, stopping)
@@ -900,17 +909,23 @@ class _Watch:
 
 
 def _listener(
-    reactor: Any, relay: Relay, factory: Factory, console: Console, decide: AcceptHandler | None = None
+    reactor: Any,
+    relay: Relay,
+    factory: Factory,
+    console: Console,
+    decide: AcceptHandler | None = None,
+    native: bool = False,
 ) -> tuple[HybridListener, _Watch]:
     """
-    A listener for C{relay} whose relayed streams come from C{factory}.
+    A listener for C{relay} whose relayed streams come from C{factory};
+    with C{native}, it accepts them as native streams.
     """
     watch = _Watch(relay, console)
     tokens = relay.tokens(reactor)
     assert tokens is not None  # the options insist on a key or a token
     listener = HybridListener(
         reactor, relay.url, relay.entity, tokens, streamFactory=factory, acceptHandler=decide,
-        onStatus=watch.status, trustRoot=relay.trustRoot,
+        onStatus=watch.status, trustRoot=relay.trustRoot, native=native,
     )
     return listener, watch
 
@@ -1091,7 +1106,7 @@ async def _connect(reactor: Any, options: ConnectOptions, console: Console, stop
     stream = _StdioStream(proto)
     connecting = connectStream(
         reactor, relay.url, relay.entity, relay.tokens(reactor), Factory.forProtocol(lambda: stream),
-        timeout=options["timeout"], trustRoot=relay.trustRoot,
+        timeout=options["timeout"], trustRoot=relay.trustRoot, native=options["native"],
     )
     try:
         if await _unlessStopped(connecting, stopping, cancel=True) is STOPPED:
@@ -1148,7 +1163,7 @@ async def _listen(reactor: Any, options: ListenOptions, console: Console, stoppi
     relay = options.relay
     proto = _Stdio(options["close-on-eof"])
     factory = _OneAtATime(proto)
-    listener, watch = _listener(reactor, relay, factory, console, factory.decide)
+    listener, watch = _listener(reactor, relay, factory, console, factory.decide, native=options["native"])
     await _startListening(listener, relay)
     stdio = _stdio(proto, reactor)
     console.say(f"listening on {relay.where}")

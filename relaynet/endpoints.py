@@ -9,7 +9,9 @@ becomes a connection of the listening factory's protocol.  If the factory
 is a L{twisted.web.server.Site}, the entity's relayed HTTP requests (plain
 HTTP clients sending to C{http://RELAY/ENTITY/...}) go to the same site.
 L{RelayClientEndpoint} connects with L{connectStream
-<relaynet.streams.connectStream>}.
+<relaynet.streams.connectStream>}.  Either may use native streams
+(L{relaynet.native}: raw bytes on the connection to the relay, no WebSocket
+framing), a relaynet extension that Azure Relay refuses.
 
 The string parsers are C{twistd} and L{serverFromString
 <twisted.internet.endpoints.serverFromString>} /
@@ -18,9 +20,13 @@ plugins with the prefix C{relay}::
 
     relay:ENTITY:url=ws\\://127.0.0.1\\:9090[:keyName=RULE]
         [:keyFile=PATH | :keyEnv=VAR | :tokenFile=PATH | :tokenEnv=VAR]
-        [:caCert=PATH][:timeout=SECONDS]
+        [:caCert=PATH][:timeout=SECONDS][:native=yes|no]
 
-Secrets come from files or environment variables only.
+Secrets come from files or environment variables only.  C{timeout} is for
+client endpoints only.  C{native=yes} makes a client endpoint open native
+streams, and a server endpoint accept its streams as native streams; the
+other side of a stream may be native or not either way.  C{native} takes
+C{yes}, C{no}, C{true} or C{false} (in any case); the default is C{no}.
 
 This module imports only Twisted and zope at the top: C{twistd} and every
 program that looks up endpoint plugins import it.  relaynet's own modules
@@ -71,7 +77,7 @@ TOKEN_PREFIX = "SharedAccessSignature "
 _PENDING = object()
 
 _SECRETS = ("keyFile", "keyEnv", "tokenFile", "tokenEnv")
-_SERVER_PARAMETERS = ("url", "keyName", *_SECRETS, "caCert")
+_SERVER_PARAMETERS = ("url", "keyName", *_SECRETS, "caCert", "native")
 _CLIENT_PARAMETERS = (*_SERVER_PARAMETERS, "timeout")
 # Names under which someone might try to pass a secret inline.
 _INLINE_SECRETS = frozenset(
@@ -81,8 +87,10 @@ _INLINE_SECRETS = frozenset(
 _INLINE_MARKERS = ("sharedaccesskey=", "sharedaccesssignature ")
 _SYNTAX = (
     "relay:ENTITY:url=ws\\://HOST\\:PORT[:keyName=RULE]"
-    "[:keyFile=PATH|:keyEnv=VAR|:tokenFile=PATH|:tokenEnv=VAR][:caCert=PATH][:timeout=SECONDS]"
+    "[:keyFile=PATH|:keyEnv=VAR|:tokenFile=PATH|:tokenEnv=VAR][:caCert=PATH][:timeout=SECONDS][:native=yes|no]"
 )
+_YES = ("yes", "true")
+_NO = ("no", "false")
 
 
 def normaliseRelayUrl(url: str) -> str:
@@ -129,7 +137,9 @@ def normaliseRelayUrl(url: str) -> str:
 class RelayClientEndpoint:
     """
     Connects a protocol to a listener of an entity, through the relay, over
-    a relayed stream (a WebSocket the relay splices to the listener's).
+    a relayed stream: a WebSocket the relay splices to the listener's, or
+    with C{native=True} a native stream (L{relaynet.native}), whose bytes
+    travel on the connection to the relay with no WebSocket framing.
 
     Connecting fails with the exceptions of L{relaynet.streams}:
     L{NoListenerError <relaynet.streams.NoListenerError>},
@@ -148,6 +158,7 @@ class RelayClientEndpoint:
         headers: Mapping[str, str] | None = None,
         timeout: float = CONNECT_TIMEOUT,
         trustRoot: Any = None,
+        native: bool = False,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and
@@ -163,6 +174,9 @@ class RelayClientEndpoint:
         @param trustRoot: for C{wss}, the certificate authority to trust, as
             for L{optionsForClientTLS <twisted.internet.ssl.optionsForClientTLS>};
             the platform's by default.
+        @param native: open native streams: raw bytes on the connection to
+            the relay, no WebSocket framing.  A relaynet extension: Azure
+            Relay refuses it.  The listener may be native or not.
         """
         if not timeout > 0 or not math.isfinite(timeout):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
@@ -173,6 +187,7 @@ class RelayClientEndpoint:
         self.headers = dict(headers or {})
         self.timeout = float(timeout)
         self.trustRoot = trustRoot
+        self.native = bool(native)
 
     @property
     def anonymous(self) -> bool:
@@ -199,6 +214,7 @@ class RelayClientEndpoint:
             headers=self.headers,
             timeout=self.timeout,
             trustRoot=self.trustRoot,
+            native=self.native,
         )
 
         def cancel(result: Deferred[IProtocol]) -> None:
@@ -334,6 +350,7 @@ class RelayServerEndpoint:
         tokenProvider: TokenProvider,
         acceptHandler: Any = None,
         trustRoot: Any = None,
+        native: bool = False,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and
@@ -348,6 +365,11 @@ class RelayServerEndpoint:
             accepted by default.
         @param trustRoot: for C{wss}, the certificate authority to trust;
             the platform's by default.
+        @param native: accept senders' streams as native streams: raw
+            bytes on the listener's connection to the relay, no WebSocket
+            framing.  A relaynet extension: Azure Relay refuses it.  Senders
+            may be native or not.  Relayed HTTP requests to a site are not
+            affected.
         """
         if tokenProvider is None:
             raise ValueError("a relay server endpoint needs a token provider with the Listen right")
@@ -357,6 +379,7 @@ class RelayServerEndpoint:
         self.tokenProvider = tokenProvider
         self.acceptHandler = acceptHandler
         self.trustRoot = trustRoot
+        self.native = bool(native)
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
@@ -385,6 +408,7 @@ class RelayServerEndpoint:
                 streamFactory=protocolFactory,
                 acceptHandler=self.acceptHandler,
                 trustRoot=self.trustRoot,
+                native=self.native,
             )
         else:
             listener = HybridListener(
@@ -395,6 +419,7 @@ class RelayServerEndpoint:
                 streamFactory=protocolFactory,
                 acceptHandler=self.acceptHandler,
                 trustRoot=self.trustRoot,
+                native=self.native,
             )
             serving = _StreamListener(listener, protocolFactory)
         port = RelayListeningPort(serving, protocolFactory, RelayAddress(self.relayUrl, self.entity))
@@ -484,6 +509,7 @@ class _Parsed:
     tokenProvider: TokenProvider | None
     trustRoot: Any
     timeout: float
+    native: bool
 
 
 def _parse(reactor: Any, rawArgs: tuple[object, ...], rawKwargs: dict[str, object], server: bool) -> _Parsed:
@@ -520,7 +546,8 @@ def _parse(reactor: Any, rawArgs: tuple[object, ...], rawKwargs: dict[str, objec
     tokens = _tokenProvider(reactor, kwargs, server)
     trustRoot = _trustRoot(url, kwargs.get("caCert"))
     timeout = _timeout(kwargs.get("timeout"))
-    return _Parsed(url, entity, tokens, trustRoot, timeout)
+    native = _native(kwargs.get("native"))
+    return _Parsed(url, entity, tokens, trustRoot, timeout, native)
 
 
 def _checkName(name: str, known: tuple[str, ...], server: bool) -> None:
@@ -650,10 +677,22 @@ def _timeout(text: str | None) -> float:
     return value
 
 
+def _native(text: str | None) -> bool:
+    if text is None:
+        return False
+    value = text.lower()
+    if value in _YES:
+        return True
+    if value in _NO:
+        return False
+    raise ValueError(f"relay: native={text} must be yes or no (or true or false)")
+
+
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class RelayServerParser:
     """
-    C{relay:ENTITY:url=...:keyFile=PATH}: listen on an entity of a relay.
+    C{relay:ENTITY:url=...:keyFile=PATH[:native=yes]}: listen on an entity
+    of a relay; with C{native=yes}, accept streams as native streams.
     """
 
     prefix = "relay"
@@ -661,14 +700,17 @@ class RelayServerParser:
     def parseStreamServer(self, reactor: Any, *args: object, **kwargs: object) -> RelayServerEndpoint:
         parsed = _parse(reactor, args, kwargs, server=True)
         assert parsed.tokenProvider is not None
-        return RelayServerEndpoint(reactor, parsed.url, parsed.entity, parsed.tokenProvider, trustRoot=parsed.trustRoot)
+        return RelayServerEndpoint(
+            reactor, parsed.url, parsed.entity, parsed.tokenProvider, trustRoot=parsed.trustRoot, native=parsed.native
+        )
 
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
 class RelayClientParser:
     """
-    C{relay:ENTITY:url=...[:keyFile=PATH]}: connect to a listener of an
-    entity through a relay; with no credential, send no token.
+    C{relay:ENTITY:url=...[:keyFile=PATH][:native=yes]}: connect to a
+    listener of an entity through a relay; with no credential, send no
+    token; with C{native=yes}, over a native stream.
     """
 
     prefix = "relay"
@@ -676,5 +718,11 @@ class RelayClientParser:
     def parseStreamClient(self, reactor: Any, *args: object, **kwargs: object) -> RelayClientEndpoint:
         parsed = _parse(reactor, args, kwargs, server=False)
         return RelayClientEndpoint(
-            reactor, parsed.url, parsed.entity, parsed.tokenProvider, timeout=parsed.timeout, trustRoot=parsed.trustRoot
+            reactor,
+            parsed.url,
+            parsed.entity,
+            parsed.tokenProvider,
+            timeout=parsed.timeout,
+            trustRoot=parsed.trustRoot,
+            native=parsed.native,
         )

@@ -7,6 +7,7 @@ everything else is HTTP addressed to an entity.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -68,7 +69,7 @@ class RelaySite(Site):
         self.accessLog = accessLog
         self.displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         # One line per request is worth its cost only to those who ask.
         if self.accessLog:
             super().log(request)

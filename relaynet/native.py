@@ -18,12 +18,12 @@ upgrade with an error.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -206,10 +206,10 @@ class NativeStream(Protocol):
             self.opened.errback(RejectedError(0, "The application refused the connection."))
             return
         self.user = user
-        swapProtocol(transport, _Watched(self, user))
+        swapProtocol(transport, cast(IProtocol, _Watched(self, user)))
         rest, self._buffer = self._buffer, b""
         try:
-            user.makeConnection(_AddressedTransport(transport, self.relayHost, self.relayPeer))
+            user.makeConnection(cast(ITransport, _AddressedTransport(transport, self.relayHost, self.relayPeer)))
         except Exception as e:
             self.user = None
             transport.abortConnection()

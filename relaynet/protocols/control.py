@@ -158,7 +158,7 @@ class ControlChannel:
         if self.proto.state == self.proto.STATE_OPEN:
             # Whole frames, straight to the transport: a control channel
             # sends whole messages only, so nothing can be half-sent.
-            self.proto.transport.write(_frames.get(encoded, body))
+            self.proto.transport.write(_frames.get(encoded, body))  # type: ignore[union-attr]
 
     def fellBehind(self, missed: int) -> None:
         """

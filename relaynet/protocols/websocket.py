@@ -245,7 +245,7 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
     info: HandshakeInfo
     role: Any = None
     _pendingId: str | None = None
-    _pendingSender: PendingSender | None = None
+    _pendingSender: Pending | None = None
 
     # autobahn options the relay never changes, fixed here as class
     # attributes: autobahn copies each option it does not find on the

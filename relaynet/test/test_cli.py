@@ -202,6 +202,24 @@ class CliCase(TestCase):
         for fragment in fragments:
             self.assertIn(fragment, text)
 
+    def watchJoins(self) -> list[str]:
+        """
+        Record, for each native sender the relay (in this process) joins
+        to its listener, what the listener is: C{"NativeParty"} (native)
+        or C{"HybridConnectionProtocol"} (WebSocket).
+        """
+        from relaynet.protocols.native import NativeSender
+
+        joins: list[str] = []
+        original = NativeSender.join
+
+        def join(sender: NativeSender, listener: Any) -> None:
+            joins.append(type(listener).__name__)
+            original(sender, listener)
+
+        self.patch(NativeSender, "join", join)
+        return joins
+
     async def forwarding(self, target: str, *more: str) -> tuple[Running, Running, int]:
         """
         C{forward --serve} to C{target}, and C{forward --local} on a free
@@ -267,6 +285,19 @@ class OptionsTests(SynchronousTestCase):
         """
         for option in ["--key", "--token", "--shared-access-key"]:
             self.assertRaises(usage.UsageError, self.parse, ["token", "-r", "ws://h:1", option, "x"])
+
+    def test_native(self) -> None:
+        """
+        C{--native} is a flag of connect, listen and forward (both sides),
+        off by default; token has none.
+        """
+        environ = {cli.ENV_KEY: "k"}
+        for argv in (["connect"], ["listen"], ["forward", "--local", "0"], ["forward", "--serve", "-t", "h:1"]):
+            for flags, expected in (([], False), (["--native"], True)):
+                options = cli.Options(environ)
+                options.parseOptions([*argv, "-r", "ws://h:1", "-e", "e", *flags])
+                self.assertIs(bool(options.subOptions["native"]), expected, argv + flags)
+        self.assertRaises(usage.UsageError, self.parse, ["token", "-r", "ws://h:1", "--native"], environ)
 
     def test_badCombinations(self) -> None:
         environ = {cli.ENV_KEY: "k"}
@@ -461,6 +492,46 @@ class ForwardTests(CliCase):
         await client.ended
         await waitFor(lambda: len(server.flows) == 2 and server.flows[1].ended.called)
         self.assertEqual(server.flows[1].received, 5000)
+
+    async def throughForward(self, port: int, server: FlowFactory, size: int) -> None:
+        """
+        One connection to the local port moves C{size} bytes each way;
+        every byte arrives, in order.
+        """
+        client = Flow(size, size, True, os.urandom(CHUNK * 4))
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client))
+        await client.ended
+        await waitFor(lambda: server.flows and server.flows[-1].ended.called)
+        self.assertEqual((client.sent, client.received), (size, size))
+        self.assertEqual(client.digests, tuple(reversed(server.flows[-1].digests)))
+
+    async def test_native(self) -> None:
+        """
+        forward --native on both sides: the relay joins native streams, and
+        the bytes pass both ways unchanged.
+        """
+        joins = self.watchJoins()
+        size = 4 * 1024 * 1024
+        server, target = await self.sinkSource(size, size)
+        serve, local, port = await self.forwarding(f"127.0.0.1:{target}", "--native")
+        await self.throughForward(port, server, size)
+        self.assertEqual(joins, ["NativeParty"])
+        self.assertEqual((await serve.stop(), await local.stop()), (0, 0))
+
+    async def test_nativeLocalWebSocketServe(self) -> None:
+        """
+        forward --local --native reaches a forward --serve without it: the
+        relay bridges the native stream to the WebSocket listener.
+        """
+        joins = self.watchJoins()
+        size = 1024 * 1024
+        server, target = await self.sinkSource(size, size)
+        serve = self.start("forward", "--serve", "-r", self.url, "-e", "hyco", "--target", f"127.0.0.1:{target}")
+        await serve.waitForLine("serving 'hyco'")
+        local = self.start("forward", "-r", self.url, "-e", "hyco", "--local", "127.0.0.1:0", "--native")
+        port = int((await local.waitForLine(r"forwarding 127\.0\.0\.1:(\d+)")).group(1))
+        await self.throughForward(port, server, size)
+        self.assertEqual(joins, ["HybridConnectionProtocol"])
 
     async def test_targetRefuses(self) -> None:
         """
@@ -707,6 +778,27 @@ class SubprocessTests(CliCase):
         self.assertEqual(await listen.ended, 0, listen.err)
         self.assertEqual((listen.out, connect.out), (b"ping\n", b"pong\n"))
         self.assertEqual(connect.err, b"")
+
+    async def test_listenAndConnectNative(self) -> None:
+        """
+        listen --native and connect --native: bytes pass both ways, and
+        both exit 0.
+        """
+        joins = self.watchJoins()
+        listen, listenTransport = self.spawn("listen", "-r", self.url, "-e", "hyco", "-N", "--native")
+        await listen.waitFor(b"listening on 'hyco'")
+        connect, connectTransport = self.spawn("connect", "-r", self.url, "-e", "hyco", "--native")
+        payload = os.urandom(256 * 1024)
+        connectTransport.write(payload)
+        connectTransport.closeStdin()
+        await listen.waitFor(re.escape(payload), "out")
+        listenTransport.write(b"pong\n")
+        listenTransport.closeStdin()
+        self.assertEqual(await connect.ended, 0, connect.err)
+        self.assertEqual(await listen.ended, 0, listen.err)
+        self.assertEqual((listen.out, connect.out), (payload, b"pong\n"))
+        self.assertEqual(connect.err, b"")
+        self.assertEqual(joins, ["NativeParty"])
 
     async def test_listenOneAtATime(self) -> None:
         """

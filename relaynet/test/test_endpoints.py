@@ -336,6 +336,34 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused(f"relay:hyco:{wss}:caCert={notPem}", "is not a PEM certificate", server=False)
         self.assertRefused(f"relay:hyco:url=ws\\://h\\:1:caCert={escape(certPath)}", "caCert= is for a wss://", server=False)
 
+    def test_native(self) -> None:
+        """
+        C{native=} takes yes, no, true or false in any case, on both
+        sides; it is off by default.
+        """
+        base = "relay:hyco:url=ws\\://127.0.0.1\\:9090"
+        key = f"keyFile={escape(self.keyFile)}"
+        self.assertFalse(self.client(base).native)
+        self.assertFalse(self.server(f"{base}:{key}").native)
+        for value, expected in [("yes", True), ("no", False), ("YES", True), ("No", False), ("true", True),
+                                ("False", False), ("TRUE", True)]:
+            self.assertIs(self.client(f"{base}:native={value}").native, expected, value)
+            self.assertIs(self.server(f"{base}:{key}:native={value}").native, expected, value)
+        self.assertTrue(RelayClientEndpoint(self.reactor, "ws://h:1", "a", None, native=True).native)
+        self.assertTrue(RelayServerEndpoint(self.reactor, "ws://h:1", "a", lambda r: TOKEN, native=True).native)
+
+    def test_badNative(self) -> None:
+        """
+        Any other value of C{native=} is refused, naming the option.
+        """
+        base = "relay:hyco:url=ws\\://127.0.0.1\\:9090"
+        key = f"keyFile={escape(self.keyFile)}"
+        for value in ["1", "0", "on", "off", "y", "n", "maybe", " yes", "yes ", "native"]:
+            self.assertRefused(f"{base}:native={value}", f"native={value} must be yes or no", server=False)
+            self.assertRefused(f"{base}:{key}:native={value}", f"native={value} must be yes or no")
+        self.assertRefused(f"{base}:{key}:native=", "native= needs a value")
+        self.assertRefused(f"{base}:{key}:Native=yes", "did you mean native=?")
+
     def test_badTimeouts(self) -> None:
         for value, fragment in [("soon", "is not a number"), ("0", "positive"), ("-1", "positive"), ("inf", "positive"), ("nan", "positive")]:
             self.assertRefused(f"relay:hyco:url=ws\\://h\\:1:timeout={value}", fragment, server=False)
@@ -483,8 +511,8 @@ class EndToEndTests(TestCase):
         fields = [f"relay:{entity}", f"url={escape(self.url)}", credential, *(f"{k}={escape(v)}" for k, v in more.items())]
         return ":".join(field for field in fields if field)
 
-    async def listen(self, entity: str, factory: Any, credential: str | None = None) -> RelayListeningPort:
-        port = await serverFromString(reactor, self.description(entity, credential)).listen(factory)
+    async def listen(self, entity: str, factory: Any, credential: str | None = None, **more: str) -> RelayListeningPort:
+        port = await serverFromString(reactor, self.description(entity, credential, **more)).listen(factory)
         self.addCleanup(port.stopListening)
         assert isinstance(port, RelayListeningPort)
         return port
@@ -511,6 +539,71 @@ class EndToEndTests(TestCase):
         self.assertEqual((factory.stops, factory.numPorts, port.status), (1, 0, "offline"))
         with self.assertRaises(NoListenerError):
             await client.connect(Factory.forProtocol(Collect))
+
+    def watchJoins(self) -> list[str]:
+        """
+        Record, for each native sender the relay joins to its listener,
+        what the listener is: C{"NativeParty"} for a native listener,
+        C{"HybridConnectionProtocol"} for a WebSocket one.  WebSocket
+        senders are not recorded.
+        """
+        from relaynet.protocols.native import NativeSender
+
+        joins: list[str] = []
+        original = NativeSender.join
+
+        def join(sender: NativeSender, listener: Any) -> None:
+            joins.append(type(listener).__name__)
+            original(sender, listener)
+
+        self.patch(NativeSender, "join", join)
+        return joins
+
+    async def echoed(self, client: IStreamClientEndpoint) -> None:
+        """
+        Connect a L{Collect} with C{client} to an echo server; bytes of
+        several sizes come back byte for byte; a close ends the stream
+        cleanly.
+        """
+        proto = await client.connect(Factory.forProtocol(Collect))
+        assert isinstance(proto, Collect)
+        transport: Any = proto.transport
+        sent = b""
+        for size in (1, 1000, 65536, 65537, 1024 * 1024 + 3):
+            payload = os.urandom(size)
+            sent += payload
+            transport.write(payload)
+        await until(lambda: len(proto.received) >= len(sent), timeout=30)
+        self.assertEqual(proto.received, sent)
+        self.assertEqual(transport.getPeer(), RelayAddress(self.url, "hyco"))
+        transport.loseConnection()
+        self.assertIsInstance(await proto.ended, ConnectionDone)
+
+    async def test_native(self) -> None:
+        """
+        A C{native=yes} server endpoint serves an echo protocol; a
+        C{native=yes} client endpoint connects to it.  The relay joins a
+        native sender to a native listener.
+        """
+        joins = self.watchJoins()
+        factory = Counted()
+        port = await self.listen("hyco", factory, native="yes")
+        client = clientFromString(reactor, self.description("hyco", native="yes"))
+        assert isinstance(client, RelayClientEndpoint)
+        self.assertTrue(client.native)
+        await self.echoed(client)
+        self.assertEqual(joins, ["NativeParty"])
+
+    async def test_nativeClientWebSocketServer(self) -> None:
+        """
+        A C{native=yes} client endpoint reaches a server endpoint without
+        C{native}: the relay bridges the native sender to the WebSocket
+        listener.
+        """
+        joins = self.watchJoins()
+        await self.listen("hyco", Counted())
+        await self.echoed(clientFromString(reactor, self.description("hyco", native="yes")))
+        self.assertEqual(joins, ["HybridConnectionProtocol"])
 
     async def test_peerAddress(self) -> None:
         """
