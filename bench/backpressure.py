@@ -31,29 +31,34 @@ Results go to ``bench/out/backpressure.json``.
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
 import hashlib
 import json
 import os
-import platform
-import queue
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-OUT_DIR = os.path.join(HERE, "out")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
-KEY_NAME = "BenchRule"
-ENTITY = "bench"
+import common
+from common import (
+    ENTITY,
+    KEY_NAME,
+    OUT_DIR,
+    REPO,
+    Deadline,
+    Pump,
+    emit,
+    onStdinLine,
+    ownCpu,
+    readStatus,
+    watchdog,
+)
+
 MESSAGE_SIZE = 64 * 1024
 BUDGET_BYTES = 8 * 1024 * 1024  # the baseline: 8 MiB of growth
 MiB = 1024 * 1024
@@ -61,11 +66,6 @@ POOL_SIZE = 1024 * 1024
 SAMPLE_INTERVAL = 0.2
 
 EXIT_OK, EXIT_DATA, EXIT_DEADLINE, EXIT_BUDGET, EXIT_ERROR = 0, 1, 2, 3, 4
-
-
-class Deadline(Exception):
-    pass
-
 
 # ---------------------------------------------------------------------------
 # Shared by the roles
@@ -91,61 +91,8 @@ def message(data: bytes, index: int, size: int) -> bytes:
     return (head + data[offset : offset + size - len(head)])[:size]
 
 
-def emit(**fields: Any) -> None:
-    """
-    One JSON line on stdout for the orchestrator.
-    """
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
-
-
 def ownPeakRss() -> int:
     return readStatus(os.getpid()).get("VmHWM", 0)
-
-
-def ownCpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def cpuSeconds(pid: int) -> float:
-    """
-    User plus system CPU seconds of process C{pid}.
-    """
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def readStatus(pid: int) -> dict[str, int]:
-    """
-    The memory fields of /proc/PID/status, in bytes.
-    """
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "VmData"):
-                fields[name] = int(value.split()[0]) * 1024
-    return fields
-
-
-def watchdog(reactor: Any, deadline: float) -> None:
-    """
-    In a child: stop at the deadline, or when the orchestrator is gone.
-    """
-    from twisted.internet.task import LoopingCall
-
-    parent = os.getppid()
-
-    def check() -> None:
-        if time.time() > deadline:
-            sys.stderr.write(f"{os.getpid()}: deadline passed, exiting\n")
-            os._exit(EXIT_DEADLINE)
-        if os.getppid() != parent:
-            os._exit(EXIT_ERROR)
-
-    LoopingCall(check).start(0.5)
 
 
 def clientFactory(url: str, protocol: Any) -> Any:
@@ -311,16 +258,15 @@ def runListener(args: argparse.Namespace) -> None:
 
 def runSender(args: argparse.Namespace) -> None:
     from autobahn.twisted.websocket import WebSocketClientProtocol
-    from twisted.internet import reactor, stdio
+    from twisted.internet import reactor
     from twisted.internet.interfaces import IPushProducer
-    from twisted.protocols.basic import LineReceiver
     from zope.interface import implementer
 
     data = pool(args.seed)
     total = args.bytes
 
     @implementer(IPushProducer)
-    class Pusher(WebSocketClientProtocol):
+    class Pusher(Pump, WebSocketClientProtocol):
         """
         Sends C{total} bytes as 64 KiB messages while its transport takes
         them: a streaming producer on its own transport.
@@ -328,25 +274,11 @@ def runSender(args: argparse.Namespace) -> None:
 
         sent = 0
         index = 0
-        paused = True
-        started = False
         finished = False
-        pauses = 0
 
         def onOpen(self) -> None:
             self.digest = hashlib.sha256()
             emit(event="open", t=time.time())
-
-        def go(self) -> None:
-            if self.started:
-                return
-            self.started = True
-            self.t0 = time.time()
-            self.cpu0 = ownCpu()
-            transport: Any = self.transport
-            transport.registerProducer(self, True)
-            self.paused = False
-            self.pump()
 
         def pump(self) -> None:
             while not self.paused and self.sent < total and self.state == self.STATE_OPEN:
@@ -364,17 +296,6 @@ def runSender(args: argparse.Namespace) -> None:
                 transport: Any = self.transport
                 transport.unregisterProducer()
                 self.sendClose(1000)
-
-        def pauseProducing(self) -> None:
-            self.paused = True
-            self.pauses += 1
-
-        def resumeProducing(self) -> None:
-            self.paused = False
-            self.pump()
-
-        def stopProducing(self) -> None:
-            self.paused = True
 
         def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
             if not hasattr(self, "digest"):
@@ -399,14 +320,11 @@ def runSender(args: argparse.Namespace) -> None:
 
     pusher = Pusher()
 
-    class Commands(LineReceiver):
-        delimiter = b"\n"
+    def command(line: str) -> None:
+        if line == "GO":
+            pusher.go()
 
-        def lineReceived(self, line: bytes) -> None:
-            if line.strip() == b"GO":
-                pusher.go()
-
-    stdio.StandardIO(Commands())
+    onStdinLine(command)
     watchdog(reactor, args.deadline)
     url = roleUrl(args, "connect")
     factory = clientFactory(url, lambda: pusher)
@@ -416,129 +334,6 @@ def runSender(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------
 # The orchestrator
-
-
-_libc = None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover
-    pass
-
-
-def _dieWithParent() -> None:
-    # PR_SET_PDEATHSIG = 1: the child gets SIGKILL if this process dies.
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-class Child:
-    """
-    A child process whose stdout lines (JSON) are read into a queue.
-    """
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], stdout: Any = subprocess.PIPE, stdin: Any = None) -> None:
-        self.name = name
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not subprocess.PIPE else None,
-            # Only a prctl() call, made before the reader threads exist
-            # for this child.
-            preexec_fn=_dieWithParent,  # noqa: PLW1509
-        )
-        if stdout is subprocess.PIPE:
-            threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                sys.stderr.write(f"[{self.name}] {line}\n")
-                continue
-            self.events.put(event)
-
-    def wait(self, event: str, deadline: float, tick: Any = None) -> dict[str, Any]:
-        """
-        The next event called C{event}; an error event, an exit or the
-        deadline raise.
-        """
-        while True:
-            if tick is not None:
-                tick()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Deadline(f"{self.name}: no {event!r} before the deadline")
-            try:
-                got = self.events.get(timeout=min(remaining, SAMPLE_INTERVAL))
-            except queue.Empty:
-                if self.proc.poll() is not None and self.events.empty():
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {event!r}")
-                continue
-            if got.get("event") == "error":
-                raise RuntimeError(f"{self.name}: {got.get('error')}")
-            if got.get("event") == event:
-                return got
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
-
-
-def freePort() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def findPython(requested: str | None) -> str:
-    if requested:
-        return requested
-    venv = os.path.join(REPO, ".venv", "bin", "python")
-    return venv if os.path.exists(venv) else sys.executable
-
-
-def relayArgv(python: str, port: int, key: str, dataDir: str) -> list[str]:
-    twistd = os.path.join(os.path.dirname(python), "twistd")
-    head = [twistd] if os.path.exists(twistd) else [python, "-c", "from twisted.scripts.twistd import run; run()"]
-    return head + [
-        "-n",
-        "--pidfile=",
-        "relaynet",
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--rule",
-        f"{KEY_NAME}={key}",
-        "--entity",
-        ENTITY,
-        "--data-dir",
-        dataDir,
-    ]
-
-
-def waitForPort(port: int, relay: Child, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if relay.proc.poll() is not None:
-            raise RuntimeError(f"the relay exited ({relay.proc.returncode}) before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise Deadline("the relay did not listen before the deadline")
 
 
 def resetPeak(pid: int) -> bool:
@@ -554,21 +349,12 @@ def resetPeak(pid: int) -> bool:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-    }
+    """
+    L{common.machine}, with the number of CPUs as C{nproc} (this script's
+    JSON schema).
+    """
+    described = common.machine()
+    return {"nproc": described.pop("cpus"), **described}
 
 
 def revision() -> dict[str, Any]:
@@ -592,14 +378,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     start = time.monotonic()
     deadline = start + args.timeout
     wallDeadline = time.time() + args.timeout
-    python = findPython(args.python)
-    key = base64.b64encode(os.urandom(32)).decode("ascii")
+    python = common.findPython(args.python)
     os.makedirs(OUT_DIR, exist_ok=True)
-    dataDir = tempfile.mkdtemp(prefix="relaynet-bench-")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    children: list[Child] = []
+    children = common.Children()
+    relay: common.Relay | None = None
     samples: list[tuple[float, int]] = []
     relayLog = os.path.join(OUT_DIR, "relay.log")
     result: dict[str, Any] = {
@@ -622,60 +404,50 @@ def orchestrate(args: argparse.Namespace) -> int:
         now = time.monotonic()
         if samples and now - samples[-1][0] - start < SAMPLE_INTERVAL:
             return
+        assert relay is not None
         try:
-            rss = readStatus(relay.proc.pid)["VmRSS"]
+            rss = readStatus(relay.pid)["VmRSS"]
         except (OSError, KeyError):
             return
         samples.append((now - start, rss))
 
     try:
-        # The relay.
-        for attempt in range(3):
-            port = freePort()
-            with open(relayLog, "wb") as log:
-                relay = Child("relay", relayArgv(python, port, key, dataDir), env, stdout=log, stdin=subprocess.DEVNULL)
-            children.append(relay)
-            try:
-                waitForPort(port, relay, min(deadline, time.monotonic() + 30))
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        print(f"relay pid {relay.proc.pid} on 127.0.0.1:{port} (log: {os.path.relpath(relayLog)})", flush=True)
-        idle = readStatus(relay.proc.pid)
+        # The relay, logging this run only.
+        open(relayLog, "wb").close()
+        relay = common.Relay(children, python=python, log=relayLog, timeout=min(30.0, deadline - time.monotonic()))
+        print(f"relay pid {relay.pid} on 127.0.0.1:{relay.port} (log: {os.path.relpath(relayLog)})", flush=True)
+        idle = readStatus(relay.pid)
 
-        common = [
-            "--port", str(port), "--key", key, "--bytes", str(args.bytes),
+        roleArgs = [
+            "--port", str(relay.port), "--key", relay.key, "--bytes", str(args.bytes),
             "--rate", str(args.rate), "--seed", str(args.seed), "--deadline", str(wallDeadline),
         ]
         me = os.path.abspath(__file__)
-        listener = Child("listener", [python, me, "--role", "listener", *common], env, stdin=subprocess.DEVNULL)
-        children.append(listener)
-        listener.wait("listening", deadline)
-        sender = Child("sender", [python, me, "--role", "sender", *common], env, stdin=subprocess.PIPE)
-        children.append(sender)
-        listener.wait("accepted", deadline)
-        sender.wait("open", deadline)
+        listener = common.JsonLines("listener", children.start([python, me, "--role", "listener", *roleArgs],
+                                                               stdout=subprocess.PIPE))
+        listener.waitUntil("listening", deadline)
+        sender = common.JsonLines("sender", children.start([python, me, "--role", "sender", *roleArgs],
+                                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        listener.waitUntil("accepted", deadline)
+        sender.waitUntil("open", deadline)
 
         # Warm-up over: both legs are spliced.  Let the relay settle, take
         # the baseline, and reset its high-water mark.
         time.sleep(0.5)
-        before = readStatus(relay.proc.pid)
-        relayCpu0 = cpuSeconds(relay.proc.pid)
-        peakReset = resetPeak(relay.proc.pid)
+        before = readStatus(relay.pid)
+        relayCpu0 = common.cpuSeconds(relay.pid)
+        peakReset = resetPeak(relay.pid)
         samples.append((time.monotonic() - start, before["VmRSS"]))
         goWall = time.time()
         goMono = time.monotonic()
-        assert sender.proc.stdin is not None
-        sender.proc.stdin.write(b"GO\n")
-        sender.proc.stdin.flush()
+        sender.send("GO")
         print(f"sending {args.bytes} bytes; listener drains at {args.rate} MB/s", flush=True)
 
-        got = listener.wait("done", deadline, tick=sample)
-        sent = sender.wait("done", deadline, tick=sample)
+        got = listener.waitUntil("done", deadline, tick=sample)
+        sent = sender.waitUntil("done", deadline, tick=sample)
         elapsedMono = time.monotonic() - goMono
-        after = readStatus(relay.proc.pid)
-        relayCpu = cpuSeconds(relay.proc.pid) - relayCpu0
+        after = readStatus(relay.pid)
+        relayCpu = common.cpuSeconds(relay.pid) - relayCpu0
         samples.append((time.monotonic() - start, after["VmRSS"]))
 
         peakSampled = max(rss for _, rss in samples)
@@ -700,7 +472,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         result.update(
             {
                 "relay": {
-                    "pid": relay.proc.pid,
+                    "pid": relay.pid,
                     "rssIdle": idle["VmRSS"],
                     "rssStart": before["VmRSS"],
                     "rssEnd": after["VmRSS"],
@@ -794,22 +566,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr)
         status = EXIT_ERROR
     finally:
-        for child in reversed(children):
-            child.kill()
+        children.stopAll()
+        if relay is not None:
+            relay.stop()  # its data directory
         result["exitStatus"] = status
         outPath = args.json or os.path.join(OUT_DIR, "backpressure.json")
         os.makedirs(os.path.dirname(os.path.abspath(outPath)), exist_ok=True)
         with open(outPath, "w") as f:
             json.dump(result, f, indent=2)
         print(f"results: {os.path.relpath(outPath)}")
-        import shutil
-
-        shutil.rmtree(dataDir, ignore_errors=True)
     return status
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -835,8 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "sender":
         runSender(args)
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    common.installSignalHandlers()
     return orchestrate(args)
 
 

@@ -1,6 +1,7 @@
 """
 Helpers shared by the benchmark suite's workload scripts (``streams.py``,
-``rpc.py``, ``pubsub.py``, ``idle.py``) and by ``suite.py``.
+``rpc.py``, ``pubsub.py``, ``idle.py``, ``backpressure.py``, ``fanout.py``)
+and by ``suite.py``.
 
 Every workload script:
 
@@ -26,8 +27,12 @@ Every workload script:
   (numerator target / denominator target); without it every target whose
   name starts with ``relaynet`` is divided by every other target.
 
+The role processes those scripts start share the helpers at the end
+(L{emit}, L{fail}, L{watchdog}, L{onStdinLine}, L{ownCpu}, L{Pump}).
+
 This module imports nothing outside the standard library, except
-L{sasToken} (which imports relaynet lazily).
+L{sasToken} (which imports relaynet lazily) and the children's helpers
+(which import Twisted lazily).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -180,16 +186,26 @@ class JsonLines:
 
     def wait(self, event: str, timeout: float) -> dict[str, Any]:
         """
+        The next event called C{event}, within C{timeout} seconds (see
+        L{waitUntil}).
+        """
+        return self.waitUntil(event, time.monotonic() + timeout, _within=f"within {timeout:.0f} s")
+
+    def waitUntil(self, event: str, deadline: float, tick: Callable[[], None] | None = None,
+                  _within: str = "before the deadline") -> dict[str, Any]:
+        """
         The next event called C{event}.  An C{error} event, the child's exit
-        or the timeout raise.
+        or the (monotonic) C{deadline} raise.  C{tick}, if given, is called
+        at least every 0.2 s while waiting (to sample something meanwhile).
         """
         import queue
 
-        deadline = time.monotonic() + timeout
         while True:
+            if tick is not None:
+                tick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Deadline(f"{self.name}: no {event!r} within {timeout:.0f} s")
+                raise Deadline(f"{self.name}: no {event!r} {_within}")
             try:
                 got = self.events.get(timeout=min(remaining, 0.2))
             except queue.Empty:
@@ -379,6 +395,20 @@ def cpuSeconds(pid: int, children: bool = False) -> float:
     if children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def totalCpuSeconds(pids: Iterable[int]) -> float:
+    """
+    The CPU seconds (L{cpuSeconds}) of the processes C{pids} together; those
+    gone already count nothing.
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpuSeconds(pid)
+        except OSError:
+            pass
+    return total
 
 
 def childPids(pid: int) -> list[int]:
@@ -621,3 +651,117 @@ def runsFor(args: argparse.Namespace) -> int:
     How many runs per figure: C{--runs}, or 1 with C{--quick}.
     """
     return 1 if args.quick else max(1, args.runs)
+
+
+# ---------------------------------------------------------------------------
+# The children's side: the role processes the workload scripts start (their
+# own roles, the drivers, the crossbar clients).  Twisted is imported lazily.
+
+
+def emit(**fields: Any) -> None:
+    """
+    One JSON line on stdout, for the orchestrator (read by L{JsonLines}).
+    """
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def ownCpu() -> float:
+    """
+    User plus system CPU seconds of this process.
+    """
+    t = os.times()
+    return t.user + t.system
+
+
+def fail(message: str, status: int = EXIT_ERROR) -> None:
+    """
+    Report an error to the orchestrator and exit at once.
+    """
+    emit(event="error", error=message)
+    os._exit(status)
+
+
+def watchdog(reactor: Any, deadline: float) -> None:
+    """
+    Exit at the (wall clock) C{deadline}, or as soon as the orchestrator is
+    gone.
+    """
+    from twisted.internet.task import LoopingCall
+
+    parent = os.getppid()
+
+    def check() -> None:
+        if time.time() > deadline:
+            sys.stderr.write(f"{os.getpid()}: deadline passed, exiting\n")
+            os._exit(EXIT_DEADLINE)
+        if os.getppid() != parent:
+            os._exit(EXIT_ERROR)
+
+    LoopingCall(check).start(0.5)
+
+
+def onStdinLine(callback: Callable[[str], None]) -> None:
+    """
+    Call C{callback} with each line the orchestrator writes on stdin
+    (stripped).
+    """
+    from twisted.internet import stdio
+    from twisted.protocols.basic import LineReceiver
+
+    class Commands(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            callback(line.decode("ascii", "replace").strip())
+
+    stdio.StandardIO(Commands())
+
+
+class Pump:
+    """
+    The C{IPushProducer} side of a sender that, from L{go} on, writes in a
+    loop, C{pump()}, for as long as its transport takes the data: the transport pauses it
+    (counted in C{pauses}) when its buffer is full, and resumes it.  Mix it
+    in before the protocol class and declare C{@implementer(IPushProducer)}
+    on the subclass.
+    """
+
+    paused = True
+    pauses = 0
+    started = False
+
+    def go(self) -> None:
+        """
+        Start sending (once): note the time (C{t0}) and this process's CPU
+        seconds (C{cpu0}), register on L{producerTransport} as a streaming
+        producer, and pump.
+        """
+        if self.started:
+            return
+        self.started = True
+        self.t0 = time.time()
+        self.cpu0 = ownCpu()
+        self.producerTransport().registerProducer(self, True)
+        self.paused = False
+        self.pump()
+
+    def producerTransport(self) -> Any:
+        """
+        The transport that takes the data, and pauses this producer.
+        """
+        return self.transport  # type: ignore[attr-defined]
+
+    def pump(self) -> None:
+        raise NotImplementedError
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.pump()
+
+    def stopProducing(self) -> None:
+        self.paused = True

@@ -18,43 +18,39 @@ This process samples the relay's VmRSS every 0.2 s.  Exit status: 0 good,
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common
 from backpressure import (
     EXIT_DATA,
     EXIT_DEADLINE,
     EXIT_ERROR,
     EXIT_OK,
-    KEY_NAME,
-    OUT_DIR,
-    REPO,
     SAMPLE_INTERVAL,
-    Child,
-    Deadline,
-    _terminate,
     clientFactory,
     connect,
-    emit,
-    findPython,
-    freePort,
     machine,
-    ownCpu,
     ownPeakRss,
-    readStatus,
     resetPeak,
     revision,
-    waitForPort,
+)
+from common import (
+    KEY_NAME,
+    OUT_DIR,
+    Deadline,
+    Pump,
+    emit,
+    onStdinLine,
+    ownCpu,
+    readStatus,
     watchdog,
 )
 
@@ -135,33 +131,19 @@ def runSubscribers(args: argparse.Namespace) -> None:
 
 def runPublisher(args: argparse.Namespace) -> None:
     from autobahn.twisted.websocket import WebSocketClientProtocol
-    from twisted.internet import reactor, stdio
+    from twisted.internet import reactor
     from twisted.internet.interfaces import IPushProducer
-    from twisted.protocols.basic import LineReceiver
     from zope.interface import implementer
 
     filler = os.urandom(EVENT_SIZE - 8)
 
     @implementer(IPushProducer)
-    class Publisher(WebSocketClientProtocol):
+    class Publisher(Pump, WebSocketClientProtocol):
         sent = 0
-        paused = True
-        started = False
         finished = False
-        pauses = 0
 
         def onOpen(self) -> None:
             emit(event="open")
-
-        def go(self) -> None:
-            if self.started:
-                return
-            self.started = True
-            self.t0 = time.time()
-            self.cpu0 = ownCpu()
-            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-            self.paused = False
-            self.pump()
 
         def pump(self) -> None:
             stop = self.t0 + args.seconds
@@ -181,17 +163,6 @@ def runPublisher(args: argparse.Namespace) -> None:
                 self.sendMessage(struct.pack(">Q", self.sent) + filler, isBinary=True)
                 self.sent += 1
 
-        def pauseProducing(self) -> None:
-            self.paused = True
-            self.pauses += 1
-
-        def resumeProducing(self) -> None:
-            self.paused = False
-            self.pump()
-
-        def stopProducing(self) -> None:
-            self.paused = True
-
         def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
             if not self.finished:
                 emit(event="error", error=f"publisher closed: {code} {reason}")
@@ -199,14 +170,11 @@ def runPublisher(args: argparse.Namespace) -> None:
 
     publisher = Publisher()
 
-    class Commands(LineReceiver):
-        delimiter = b"\n"
+    def command(line: str) -> None:
+        if line == "GO":
+            publisher.go()
 
-        def lineReceived(self, line: bytes) -> None:
-            if line.strip() == b"GO":
-                publisher.go()
-
-    stdio.StandardIO(Commands())
+    onStdinLine(command)
     watchdog(reactor, args.deadline)
     target = url(args, "connect")
     connect(reactor, target, clientFactory(target, lambda: publisher))
@@ -215,19 +183,11 @@ def runPublisher(args: argparse.Namespace) -> None:
 
 def orchestrate(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
-    python = findPython(args.python)
-    key = base64.b64encode(os.urandom(32)).decode("ascii")
-    port = freePort()
+    python = common.findPython(args.python)
     os.makedirs(OUT_DIR, exist_ok=True)
-    dataDir = tempfile.mkdtemp(prefix="relaynet-fanout-")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    twistd = os.path.join(os.path.dirname(python), "twistd")
-    relayArgv = [twistd, "-n", "--pidfile=", "relaynet", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                 "--rule", f"{KEY_NAME}={key}", "--event", ENTITY, "--data-dir", dataDir,
-                 "--subscriber-outbox", str(args.outbox)]
-    common = ["--port", str(port), "--key", key, "--deadline", str(time.time() + args.timeout)]
-    children: list[Child] = []
+    relayLog = os.path.join(OUT_DIR, "fanout-relay.log")
+    children = common.Children()
+    relay: common.Relay | None = None
     samples: list[int] = []
     result: dict[str, Any] = {
         "benchmark": "fanout", "machine": machine(), "revision": revision(), "ok": False,
@@ -237,36 +197,36 @@ def orchestrate(args: argparse.Namespace) -> int:
     status = EXIT_ERROR
 
     def sample() -> None:
+        assert relay is not None
         try:
-            samples.append(readStatus(relay.proc.pid)["VmRSS"])
+            samples.append(readStatus(relay.pid)["VmRSS"])
         except (OSError, KeyError):
             pass
 
     try:
-        with open(os.path.join(OUT_DIR, "fanout-relay.log"), "wb") as log:
-            relay = Child("relay", relayArgv, env, stdout=log)
-        children.append(relay)
-        waitForPort(port, relay, deadline)
-        idle = readStatus(relay.proc.pid)["VmRSS"]
+        open(relayLog, "wb").close()  # this run's log only
+        relay = common.Relay(children, python=python, entityArgs=("--event", ENTITY),
+                             extraArgs=("--subscriber-outbox", str(args.outbox)), log=relayLog,
+                             timeout=deadline - time.monotonic())
+        idle = readStatus(relay.pid)["VmRSS"]
+        roleArgs = ["--port", str(relay.port), "--key", relay.key, "--deadline", str(time.time() + args.timeout)]
         me = [python, os.path.abspath(__file__)]
         per = [args.subscribers // args.processes + (i < args.subscribers % args.processes) for i in range(args.processes)]
-        groups = [Child(f"subscribers{i}", me + ["--role", "subscribers", "--count", str(n), *common], env)
+        groups = [common.JsonLines(f"subscribers{i}", children.start(
+                      me + ["--role", "subscribers", "--count", str(n), *roleArgs], stdout=subprocess.PIPE))
                   for i, n in enumerate(per)]
-        children.extend(groups)
         for group in groups:
-            group.wait("ready", deadline)
-        publisher = Child("publisher", me + ["--role", "publisher", "--events", str(args.events), "--rate", str(args.rate),
-                                             "--seconds", str(args.seconds), *common], env, stdin=subprocess.PIPE)
-        children.append(publisher)
-        publisher.wait("open", deadline)
+            group.waitUntil("ready", deadline)
+        publisher = common.JsonLines("publisher", children.start(
+            me + ["--role", "publisher", "--events", str(args.events), "--rate", str(args.rate),
+                  "--seconds", str(args.seconds), *roleArgs], stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        publisher.waitUntil("open", deadline)
         time.sleep(0.5)
-        start = readStatus(relay.proc.pid)["VmRSS"]
-        resetPeak(relay.proc.pid)
-        relayCpu0 = readCpu(relay.proc.pid)
-        assert publisher.proc.stdin is not None
-        publisher.proc.stdin.write(b"GO\n")
-        publisher.proc.stdin.flush()
-        done = publisher.wait("done", deadline, tick=sample)
+        start = readStatus(relay.pid)["VmRSS"]
+        resetPeak(relay.pid)
+        relayCpu0 = common.cpuSeconds(relay.pid)
+        publisher.send("GO")
+        done = publisher.waitUntil("done", deadline, tick=sample)
         sent = done["sent"]
         latest: dict[int, dict[str, Any]] = {}
         while True:
@@ -286,7 +246,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 raise Deadline("the subscribers did not get every event before the deadline")
             time.sleep(SAMPLE_INTERVAL)
-        status_ = readStatus(relay.proc.pid)
+        status_ = readStatus(relay.pid)
         peak = max(status_.get("VmHWM", 0), max(samples, default=0))
         seconds = max(e["last"] for e in latest.values()) - done["started"]
         good = all(e["min"] == sent and e["max"] == sent and not e["errors"] and not e["closed"] for e in latest.values())
@@ -295,7 +255,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             "eventsPerSecond": sent / seconds, "deliveriesPerSecond": sent * args.subscribers / seconds,
             "publisherWriteSeconds": done["written"] - done["started"], "publisherPauses": done["pauses"],
             "relay": {"idleRss": idle, "startRss": start, "peakRss": peak, "endRss": status_["VmRSS"],
-                      "growth": peak - start, "cpu": readCpu(relay.proc.pid) - relayCpu0},
+                      "growth": peak - start, "cpu": common.cpuSeconds(relay.pid) - relayCpu0},
             "subscriberProcesses": latest, "publisher": done, "samples": samples,
         })
         r = result["relay"]
@@ -316,22 +276,14 @@ def orchestrate(args: argparse.Namespace) -> int:
         result["error"] = repr(e)
         status = EXIT_ERROR
     finally:
-        for child in reversed(children):
-            child.kill()
+        children.stopAll()
+        if relay is not None:
+            relay.stop()  # its data directory
         outPath = args.json or os.path.join(OUT_DIR, "fanout.json")
         with open(outPath, "w") as f:
             json.dump(result, f, indent=2)
         print(f"results: {os.path.relpath(outPath)}")
-        import shutil
-
-        shutil.rmtree(dataDir, ignore_errors=True)
     return status
-
-
-def readCpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not 1 <= args.processes <= 4 or args.subscribers < args.processes or args.events <= 0 or args.seconds <= 0:
         parser.error("need 1-4 processes, at least one subscriber per process, positive --events and --seconds")
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    common.installSignalHandlers()
     return orchestrate(args)
 
 

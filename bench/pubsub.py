@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,13 +44,26 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "drivers"))
 
 import common
-from crossbar_harness import LineChild, Router, busySeconds, crossbarBin, quietMachine
+from crossbar_harness import (
+    CROSSBAR_MISSING,
+    TARGETS,
+    LineChild,
+    Router,
+    addComparisonArguments,
+    busySeconds,
+    crossbarBin,
+    disturbedNote,
+    exitStatus,
+    leastDisturbed,
+    otherLoadPercent,
+    quietMachine,
+    report,
+    retriesFor,
+)
 
 WORKLOAD = "pubsub"
 TITLE = "Event fan-out: 1 publisher, 100 subscribers, 1 KiB events (relaynet event entity vs crossbar pub/sub)"
-TARGETS = ("relaynet", "crossbar")
 EVENT_SIZE = 1024  # fanout.py's and wamp_pubsub.py's
-OTHER_LOAD_LIMIT = 15.0  # % of one CPU taken by processes not ours during a run
 
 
 class LostEvents(Exception):
@@ -71,13 +85,7 @@ class Target:
         raise NotImplementedError
 
     def serverCpu(self) -> float:
-        total = 0.0
-        for pid in self.serverPids():
-            try:
-                total += common.cpuSeconds(pid)
-            except OSError:
-                pass
-        return total
+        return common.totalCpuSeconds(self.serverPids())
 
 
 class RelaynetTarget(Target):
@@ -139,16 +147,16 @@ def measure(children: common.Children, target: Target, args: argparse.Namespace,
         for i, n in enumerate(per):
             groups.append(LineChild(children, f"{target.name} subscribers{i}", target.subscribersArgv(n, wallDeadline)))
         for group in groups:
-            group.wait("ready", local)
+            group.waitUntil("ready", local)
         publisher = LineChild(children, f"{target.name} publisher", target.publisherArgv(args.events, wallDeadline),
                               stdin=subprocess.PIPE)
-        publisher.wait("open", local)
+        publisher.waitUntil("open", local)
         time.sleep(0.5)  # let the connections settle
         machine0 = busySeconds()
         cpu0 = {"server": target.serverCpu(), "publisher": common.cpuSeconds(publisher.proc.pid),
                 "subscribers": sum(common.cpuSeconds(g.proc.pid) for g in groups)}
         publisher.send("GO")
-        done = publisher.wait("done", local)
+        done = publisher.waitUntil("done", local)
         sent = done["sent"]
         while True:
             latest = [group.drain() for group in groups]
@@ -172,7 +180,7 @@ def measure(children: common.Children, target: Target, args: argparse.Namespace,
     cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
     # What other work on the machine took meanwhile, in % of one CPU (the
     # window starts at GO and ends up to 50 ms after the last delivery).
-    other = max(0.0, 100 * (machine1 - machine0 - sum(cpu.values())) / seconds)
+    other = otherLoadPercent(machine0, machine1, sum(cpu.values()), seconds)
     return {
         "target": target.name, "machineBusyBefore": busy, "otherLoadPercent": other,
         "events": sent, "deliveries": deliveries, "seconds": seconds,
@@ -182,38 +190,6 @@ def measure(children: common.Children, target: Target, args: argparse.Namespace,
     }
 
 
-def measureUndisturbed(children: common.Children, target: Target, args: argparse.Namespace,
-                       deadline: float) -> dict[str, Any]:
-    """
-    L{measure}, again (up to C{--retries} times) while other work on this
-    shared machine took more than C{OTHER_LOAD_LIMIT} % of a CPU during the
-    run; the least disturbed attempt is kept, and marked if it was still
-    disturbed.
-    """
-    attempts = []
-    for _ in range(1 + args.retries):
-        m = measure(children, target, args, deadline)
-        attempts.append(m)
-        if m["otherLoadPercent"] <= OTHER_LOAD_LIMIT:
-            break
-        print(f"  (other work took {m['otherLoadPercent']:.0f}% of a CPU during this run; measuring again)", flush=True)
-    best = min(attempts, key=lambda m: m["otherLoadPercent"])
-    best["attempts"] = len(attempts)
-    best["disturbed"] = best["otherLoadPercent"] > OTHER_LOAD_LIMIT
-    return best
-
-
-def disturbedNote(measurements: list[dict[str, Any]]) -> str | None:
-    """
-    A row's note when other work on the machine disturbed some of its runs.
-    """
-    disturbed = sum(1 for m in measurements if m["disturbed"])
-    if not disturbed:
-        return None
-    return (f"{disturbed} of {len(measurements)} runs disturbed: other work took more than "
-            f"{OTHER_LOAD_LIMIT:.0f}% of a CPU meanwhile")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.addStandardArguments(parser, timeout=600.0)
@@ -221,16 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=100, help="subscribers (default: 100)")
     parser.add_argument("--processes", type=int, default=4, help="subscriber processes (default: 4)")
     parser.add_argument("--run-timeout", type=float, default=150.0, help="deadline of one run in seconds (default: 150)")
-    parser.add_argument("--retries", type=int, default=None,
-                        help="measure a run again up to this often while other work disturbs it (default: 1; --quick: 0)")
-    parser.add_argument("--crossbar", default=None, help="the crossbar executable (default: bench/.venv-peers/bin/crossbar)")
+    addComparisonArguments(parser, retries=1)
     args = parser.parse_args(argv)
     args.events = args.events or (2000 if args.quick else 10000)
     if not 1 <= args.processes <= args.subscribers or args.events <= 0:
         parser.error("need 1 to --subscribers processes and a positive --events")
     runs = common.runsFor(args)
-    if args.retries is None:
-        args.retries = 0 if args.quick else 1
+    args.retries = retriesFor(args, 1)
     python = common.findPython(args.python)
     crossbar = crossbarBin(args.crossbar)
     deadline = time.monotonic() + args.timeout
@@ -246,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
             # slow subscriber off (crossbar has no such limit).
             targets: list[Target] = [RelaynetTarget(children, python, outbox=args.events + 1000)]
             if crossbar is None:
-                notes["crossbar"] = "crossbar not installed: run `make bench-peers` (bench/.venv-peers)"
+                notes["crossbar"] = CROSSBAR_MISSING
                 print(f"note: {notes['crossbar']}", file=sys.stderr)
             else:
                 targets.append(CrossbarTarget(children, python, crossbar, timeout=max(1.0, min(60.0, deadline - time.monotonic()))))
             for run in range(runs):
                 for target in targets:
-                    m = measureUndisturbed(children, target, args, deadline)
+                    m = leastDisturbed(partial(measure, children, target, args, deadline), args.retries)
                     m["run"] = run + 1
                     measurements.append(m)
                     shares = ", ".join(f"{k} {v:.0f}%" for k, v in m["cpuPercent"].items())
@@ -260,15 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{m['deliveriesPerSecond']:9,.0f} deliveries/s  server {m['serverCpuMicrosPerDelivery']:.1f} µs CPU"
                           f"/delivery  (publisher wrote for {m['publisherWriteSeconds']:.2f} s)   CPU: {shares}, "
                           f"other work {m['otherLoadPercent']:.0f}%" + ("  DISTURBED" if m["disturbed"] else ""), flush=True)
-    except common.Deadline as e:
-        print(f"deadline: {e}", file=sys.stderr)
-        status = common.EXIT_DEADLINE
-    except LostEvents as e:
-        print(f"failed: {e}", file=sys.stderr)
-        status = common.EXIT_FAILED
     except (Exception, SystemExit) as e:  # noqa: BLE001 - reported; the children are gone by now
-        print(f"error: {e!r}", file=sys.stderr)
-        status = common.EXIT_ERROR
+        status = exitStatus(e, LostEvents)
 
     case = f"{args.subscribers} subscribers, 1 KiB"
     rows = []
@@ -279,17 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                                    [m["deliveriesPerSecond"] for m in mine], note))
         rows.append(common.makeRow(case, name, "server CPU per delivery", "µs", "lower",
                                    [m["serverCpuMicrosPerDelivery"] for m in mine], note))
-    print()
-    print(TITLE)
-    common.printTable(rows, targets=list(TARGETS))
-    path = common.writeResults(WORKLOAD, TITLE, rows, path=args.json, targets=list(TARGETS), extra={
+    report(WORKLOAD, TITLE, rows, args.json, extra={
         "config": {"events": args.events, "eventBytes": EVENT_SIZE, "subscribers": args.subscribers,
                    "subscriberProcesses": args.processes, "runs": runs, "pacing": "unpaced, nothing lost",
                    "relaynetSubscriberOutbox": args.events + 1000, "crossbarPublish": "acknowledge=False, msgpack"},
         "measurements": measurements,
         "exitStatus": status,
     })
-    print(f"results: {os.path.relpath(path)}")
     return status
 
 

@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,12 +43,25 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "drivers"))
 
 import common
-from crossbar_harness import LineChild, Router, busySeconds, crossbarBin, quietMachine
+from crossbar_harness import (
+    CROSSBAR_MISSING,
+    TARGETS,
+    LineChild,
+    Router,
+    addComparisonArguments,
+    busySeconds,
+    crossbarBin,
+    disturbedNote,
+    exitStatus,
+    leastDisturbed,
+    otherLoadPercent,
+    quietMachine,
+    report,
+    retriesFor,
+)
 
 WORKLOAD = "rpc"
 TITLE = "Request/response: relaynet HTTP through the relay vs crossbar WAMP RPC (64 B echo)"
-TARGETS = ("relaynet", "crossbar")
-OTHER_LOAD_LIMIT = 15.0  # % of one CPU taken by processes not ours during a run
 
 
 class Target:
@@ -80,7 +94,7 @@ class RelaynetTarget(Target):
             python, self.script, "--role", "listener", "--port", str(self.relay.port), "--key", self.relay.key,
             "--deadline", str(time.time() + (deadline - time.monotonic())),
         ])
-        listener.wait("listening", min(deadline, time.monotonic() + 30))
+        listener.waitUntil("listening", min(deadline, time.monotonic() + 30))
         self.serverPids = {"relay": self.relay.pid, "listener": listener.proc.pid}
 
     def callerArgv(self, count: int, args: argparse.Namespace, deadline: float) -> list[str]:
@@ -101,7 +115,7 @@ class CrossbarTarget(Target):
             python, self.script, "--role", "callee", "--url", self.router.url,
             "--deadline", str(time.time() + (deadline - time.monotonic())),
         ])
-        callee.wait("listening", min(deadline, time.monotonic() + 30))
+        callee.waitUntil("listening", min(deadline, time.monotonic() + 30))
         self.calleePid = callee.proc.pid
         self.serverPids = {"callee": callee.proc.pid}
 
@@ -127,11 +141,11 @@ def measure(children: common.Children, target: Target, count: int, args: argpars
     caller = LineChild(children, f"{target.name} caller", target.callerArgv(count, args, time.time() + (local - time.monotonic())),
                        stdin=subprocess.PIPE)
     try:
-        caller.wait("ready", local)
+        caller.waitUntil("ready", local)
         caller.send("GO")
-        caller.wait("measuring", local)
+        caller.waitUntil("measuring", local)
         before, machine0 = target.serverCpu(), busySeconds()
-        done = caller.wait("done", local)
+        done = caller.waitUntil("done", local)
         after, machine1 = target.serverCpu(), busySeconds()
     finally:
         children.stop(caller.proc)
@@ -142,7 +156,7 @@ def measure(children: common.Children, target: Target, count: int, args: argpars
     cpu["caller"] = 100 * done["cpu"] / window
     # What other work on the machine took meanwhile, in % of one CPU.
     ours = sum(after[role] - before[role] for role in before) + done["cpu"]
-    other = max(0.0, 100 * (machine1 - machine0 - ours) / window)
+    other = otherLoadPercent(machine0, machine1, ours, window)
     # The server proper (relay or router), without the listener or callee.
     server = "relay" if "relay" in cpu else "router"
     serverMicros = 1e6 * (after[server] - before[server]) / done["calls"]
@@ -152,42 +166,10 @@ def measure(children: common.Children, target: Target, count: int, args: argpars
             "calls": done["calls"], "seconds": window, "cpuPercent": cpu}
 
 
-def measureUndisturbed(children: common.Children, target: Target, count: int, args: argparse.Namespace,
-                       deadline: float) -> dict[str, Any]:
-    """
-    L{measure}, again (up to C{--retries} times) while other work on this
-    shared machine took more than C{OTHER_LOAD_LIMIT} % of a CPU during the
-    window; the least disturbed attempt is kept, and marked if it was still
-    disturbed.
-    """
-    attempts = []
-    for _ in range(1 + args.retries):
-        m = measure(children, target, count, args, deadline)
-        attempts.append(m)
-        if m["otherLoadPercent"] <= OTHER_LOAD_LIMIT:
-            break
-        print(f"  (other work took {m['otherLoadPercent']:.0f}% of a CPU during this run; measuring again)", flush=True)
-    best = min(attempts, key=lambda m: m["otherLoadPercent"])
-    best["attempts"] = len(attempts)
-    best["disturbed"] = best["otherLoadPercent"] > OTHER_LOAD_LIMIT
-    return best
-
-
 class AnswerError(Exception):
     """
     A call failed or came back with the wrong payload.
     """
-
-
-def disturbedNote(measurements: list[dict[str, Any]]) -> str | None:
-    """
-    A row's note when other work on the machine disturbed some of its runs.
-    """
-    disturbed = sum(1 for m in measurements if m["disturbed"])
-    if not disturbed:
-        return None
-    return (f"{disturbed} of {len(measurements)} runs disturbed: other work took more than "
-            f"{OTHER_LOAD_LIMIT:.0f}% of a CPU meanwhile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,16 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated numbers of concurrent callers, one call in flight each (default: 1,16)")
     parser.add_argument("--seconds", type=float, default=None, help="measuring window per run (default: 5; --quick: 2)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default: 1; --quick: 0.5)")
-    parser.add_argument("--retries", type=int, default=None,
-                        help="measure a run again up to this often while other work disturbs it (default: 2; --quick: 0)")
-    parser.add_argument("--crossbar", default=None, help="the crossbar executable (default: bench/.venv-peers/bin/crossbar)")
+    addComparisonArguments(parser, retries=2)
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     args.warmup = args.warmup or (0.5 if args.quick else 1.0)
     counts = [int(n) for n in args.in_flight.split(",") if n.strip()]
     runs = common.runsFor(args)
-    if args.retries is None:
-        args.retries = 0 if args.quick else 2
+    args.retries = retriesFor(args, 2)
     python = common.findPython(args.python)
     crossbar = crossbarBin(args.crossbar)
     deadline = time.monotonic() + args.timeout
@@ -221,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         with common.Children() as children:
             targets: list[Target] = [RelaynetTarget(children, python, deadline)]
             if crossbar is None:
-                notes["crossbar"] = "crossbar not installed: run `make bench-peers` (bench/.venv-peers)"
+                notes["crossbar"] = CROSSBAR_MISSING
                 print(f"note: {notes['crossbar']}", file=sys.stderr)
             else:
                 targets.append(CrossbarTarget(children, python, crossbar, deadline))
@@ -230,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in range(runs):
                 for count in counts:
                     for target in targets:
-                        m = measureUndisturbed(children, target, count, args, deadline)
+                        m = leastDisturbed(partial(measure, children, target, count, args, deadline), args.retries)
                         m["run"] = run + 1
                         measurements.append(m)
                         shares = ", ".join(f"{role} {share:.0f}%" for role, share in m["cpuPercent"].items())
@@ -239,15 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"  server {m['serverCpuMicrosPerCall']:.0f} µs CPU/call"
                               f"   CPU: {shares}, other work {m['otherLoadPercent']:.0f}%"
                               + ("  DISTURBED" if m["disturbed"] else ""), flush=True)
-    except common.Deadline as e:
-        print(f"deadline: {e}", file=sys.stderr)
-        status = common.EXIT_DEADLINE
-    except AnswerError as e:
-        print(f"failed: {e}", file=sys.stderr)
-        status = common.EXIT_FAILED
     except (Exception, SystemExit) as e:  # noqa: BLE001 - reported; the children are gone by now
-        print(f"error: {e!r}", file=sys.stderr)
-        status = common.EXIT_ERROR
+        status = exitStatus(e, AnswerError)
 
     rows = []
     for count in counts:
@@ -260,16 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(common.makeRow(case, name, "p99 latency", "ms", "lower", [m["p99ms"] for m in mine], note))
             rows.append(common.makeRow(case, name, "server CPU per call", "µs", "lower",
                                        [m["serverCpuMicrosPerCall"] for m in mine], note))
-    print()
-    print(TITLE)
-    common.printTable(rows, targets=list(TARGETS))
-    path = common.writeResults(WORKLOAD, TITLE, rows, path=args.json, targets=list(TARGETS), extra={
+    report(WORKLOAD, TITLE, rows, args.json, extra={
         "config": {"payloadBytes": args.size, "inFlight": counts, "runs": runs, "warmupSeconds": args.warmup,
                    "windowSeconds": args.seconds, "serializer": "msgpack (crossbar)"},
         "measurements": measurements,
         "exitStatus": status,
     })
-    print(f"results: {os.path.relpath(path)}")
     return status
 
 

@@ -33,9 +33,12 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drivers"))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, BENCH)  # common
+sys.path.insert(0, os.path.join(BENCH, "drivers"))  # crossbar_harness, rpc_loop
 
-from crossbar_harness import REALM, emit, fail, onStdinLine, ownCpu, watchdog
+from common import Pump, emit, fail, onStdinLine, ownCpu, watchdog
+from crossbar_harness import REALM
 from wamp_rpc import connectSession
 
 TOPIC = "bench.news"
@@ -113,50 +116,29 @@ def runPublisher(args: argparse.Namespace) -> None:
     filler = os.urandom(EVENT_SIZE - 8)
 
     @implementer(IPushProducer)
-    class Publisher(ApplicationSession):
+    class Publisher(Pump, ApplicationSession):
         sent = 0
-        paused = False
-        started = False
         finished = False
-        pauses = 0
 
         def onJoin(self, details: Any) -> None:
             emit(event="open")
 
-        def go(self) -> None:
-            if self.started:
-                return
-            self.started = True
-            self.t0 = time.time()
-            self.cpu0 = ownCpu()
+        def producerTransport(self) -> Any:
             # The TCP transport under the WebSocket: pauseProducing() is
             # called when its send buffer fills up.
-            self.tcp = self._transport.transport
-            self.tcp.registerProducer(self, True)
-            self.pump()
+            return self._transport.transport
 
         def pump(self) -> None:
             stop = self.t0 + args.seconds
             while not self.paused and not self.finished:
                 if self.sent >= args.events or (self.sent % 256 == 0 and time.time() > stop):
                     self.finished = True
-                    self.tcp.unregisterProducer()
+                    self.producerTransport().unregisterProducer()
                     emit(event="done", sent=self.sent, started=self.t0, written=time.time(), pauses=self.pauses,
                          cpu=ownCpu() - self.cpu0)
                     return
                 self.publish(TOPIC, struct.pack(">Q", self.sent) + filler)
                 self.sent += 1
-
-        def pauseProducing(self) -> None:
-            self.paused = True
-            self.pauses += 1
-
-        def resumeProducing(self) -> None:
-            self.paused = False
-            self.pump()
-
-        def stopProducing(self) -> None:
-            self.paused = True
 
         def onDisconnect(self) -> None:
             if not stopping and not self.finished:

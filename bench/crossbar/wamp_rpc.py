@@ -25,9 +25,12 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drivers"))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, BENCH)  # common
+sys.path.insert(0, os.path.join(BENCH, "drivers"))  # crossbar_harness, rpc_loop
 
-from crossbar_harness import REALM, emit, fail, watchdog
+from common import emit, fail, watchdog
+from crossbar_harness import REALM
 
 PROCEDURE = "bench.echo"
 

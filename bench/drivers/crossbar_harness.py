@@ -4,27 +4,29 @@ What ``bench/rpc.py`` and ``bench/pubsub.py`` share, on top of
 
 * L{Router}: a crossbar router (``bench/.venv-peers/bin/crossbar``) on a
   free port, configured from ``bench/crossbar/config.json``;
-* L{LineChild}: a child process that reports JSON lines on stdout, read by a
-  thread into a queue, with L{LineChild.wait} (every wait has a deadline);
-* for the child processes (the drivers): L{emit}, L{watchdog},
-  L{onStdinLine}, L{ownCpu}.
+* L{LineChild}: a child process that reports JSON lines on stdout
+  (L{common.JsonLines}, started by L{common.Children}), with
+  L{LineChild.drain} for its C{progress} events;
+* the machine's load (L{quietMachine}, L{busySeconds}) and the runs it
+  disturbed (L{leastDisturbed}, L{disturbedNote});
+* the two scripts' command line, exit status and report
+  (L{addComparisonArguments}, L{exitStatus}, L{report}).
 
-Only the standard library at import time: the child helpers import Twisted
-lazily.
+The child processes (the drivers and the crossbar clients) use the
+children's helpers of ``common.py`` (L{common.emit}, L{common.watchdog},
+...).  Only the standard library at import time.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import queue
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,20 +51,6 @@ def crossbarBin(requested: str | None = None) -> str | None:
     if requested:
         return requested if os.access(requested, os.X_OK) else None
     return common.peersBin("crossbar")
-
-
-def childPids(pid: int) -> list[int]:
-    """
-    The direct children of C{pid}, from /proc/PID/task/*/children.
-    """
-    pids: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
-    except OSError:
-        pass
-    return pids
 
 
 def _cpuTimes() -> tuple[int, int]:
@@ -136,7 +124,7 @@ class Router:
         # The controller starts the worker, which opens the port: several
         # seconds on a busy machine.
         common.waitForPort(self.port, self.proc, timeout, "the crossbar router")
-        self.workers = childPids(self.proc.pid)
+        self.workers = common.childPids(self.proc.pid)
 
     def pids(self) -> list[int]:
         """
@@ -148,13 +136,7 @@ class Router:
         """
         CPU seconds of the controller and the workers together.
         """
-        total = 0.0
-        for pid in self.pids():
-            try:
-                total += common.cpuSeconds(pid)
-            except OSError:
-                pass
-        return total
+        return common.totalCpuSeconds(self.pids())
 
     def stop(self) -> None:
         """
@@ -170,59 +152,15 @@ class Router:
         shutil.rmtree(self.cbdir, ignore_errors=True)
 
 
-class LineChild:
+class LineChild(common.JsonLines):
     """
-    A child process whose stdout is JSON lines (its stderr is inherited).
-    Lines that are not JSON are copied to stderr.
+    A child process whose stdout is JSON lines (its stderr is inherited),
+    started by C{children}.  Lines that are not JSON are copied to stderr.
     """
 
     def __init__(self, children: common.Children, name: str, argv: list[str], stdin: Any = subprocess.DEVNULL) -> None:
-        self.name = name
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        super().__init__(name, children.start(argv, stdin=stdin, stdout=subprocess.PIPE))
         self.latest: dict[str, Any] | None = None
-        self.proc = children.start(argv, stdin=stdin, stdout=subprocess.PIPE)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                sys.stderr.write(f"[{self.name}] {line}\n")
-
-    def send(self, line: str) -> None:
-        """
-        Write one line to the child's stdin.
-        """
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode("ascii") + b"\n")
-        self.proc.stdin.flush()
-
-    def wait(self, event: str, deadline: float, tick: Callable[[], None] | None = None) -> dict[str, Any]:
-        """
-        The next event called C{event}.  An C{error} event, the child's exit
-        or the (monotonic) C{deadline} raise.
-        """
-        while True:
-            if tick is not None:
-                tick()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise common.Deadline(f"{self.name}: no {event!r} before the deadline")
-            try:
-                got = self.events.get(timeout=min(remaining, 0.2))
-            except queue.Empty:
-                if self.proc.poll() is not None and self.events.empty():
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {event!r}") from None
-                continue
-            if got.get("event") == "error":
-                raise RuntimeError(f"{self.name}: {got.get('error')}")
-            if got.get("event") == event:
-                return got
 
     def drain(self) -> dict[str, Any] | None:
         """
@@ -241,60 +179,94 @@ class LineChild:
 
 
 # ---------------------------------------------------------------------------
-# The children's side
+# The runs and the report of rpc.py and pubsub.py
+
+TARGETS = ("relaynet", "crossbar")
+OTHER_LOAD_LIMIT = 15.0  # % of one CPU taken by processes not ours during a run
+CROSSBAR_MISSING = "crossbar not installed: run `make bench-peers` (bench/.venv-peers)"
 
 
-def emit(**fields: Any) -> None:
+def otherLoadPercent(busy0: float, busy1: float, ours: float, seconds: float) -> float:
     """
-    One JSON line on stdout, for the orchestrator.
+    What other work on the machine took during a run of C{seconds}, in % of
+    one CPU: the machine's busy seconds (L{busySeconds} before and after)
+    less C{ours}, the CPU seconds of the run's own processes.
     """
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+    return max(0.0, 100 * (busy1 - busy0 - ours) / seconds)
 
 
-def ownCpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def fail(message: str, status: int = common.EXIT_ERROR) -> None:
+def leastDisturbed(measure: Callable[[], dict[str, Any]], retries: int) -> dict[str, Any]:
     """
-    Report an error to the orchestrator and exit at once.
+    C{measure()}, again (up to C{retries} times) while other work on this
+    shared machine took more than L{OTHER_LOAD_LIMIT} % of a CPU during the
+    run (its C{otherLoadPercent}); the least disturbed attempt is kept, and
+    marked if it was still disturbed.
     """
-    emit(event="error", error=message)
-    os._exit(status)
+    attempts = []
+    for _ in range(1 + retries):
+        m = measure()
+        attempts.append(m)
+        if m["otherLoadPercent"] <= OTHER_LOAD_LIMIT:
+            break
+        print(f"  (other work took {m['otherLoadPercent']:.0f}% of a CPU during this run; measuring again)", flush=True)
+    best = min(attempts, key=lambda m: m["otherLoadPercent"])
+    best["attempts"] = len(attempts)
+    best["disturbed"] = best["otherLoadPercent"] > OTHER_LOAD_LIMIT
+    return best
 
 
-def watchdog(reactor: Any, deadline: float) -> None:
+def disturbedNote(measurements: list[dict[str, Any]]) -> str | None:
     """
-    Exit at the (wall clock) C{deadline}, or as soon as the orchestrator is
-    gone.
+    A row's note when other work on the machine disturbed some of its runs.
     """
-    from twisted.internet.task import LoopingCall
-
-    parent = os.getppid()
-
-    def check() -> None:
-        if time.time() > deadline:
-            sys.stderr.write(f"{os.getpid()}: deadline passed, exiting\n")
-            os._exit(common.EXIT_DEADLINE)
-        if os.getppid() != parent:
-            os._exit(common.EXIT_ERROR)
-
-    LoopingCall(check).start(0.5)
+    disturbed = sum(1 for m in measurements if m["disturbed"])
+    if not disturbed:
+        return None
+    return (f"{disturbed} of {len(measurements)} runs disturbed: other work took more than "
+            f"{OTHER_LOAD_LIMIT:.0f}% of a CPU meanwhile")
 
 
-def onStdinLine(callback: Callable[[str], None]) -> None:
+def addComparisonArguments(parser: argparse.ArgumentParser, retries: int) -> None:
     """
-    Call C{callback} with each line the orchestrator writes on stdin.
+    C{--retries} (default C{retries}, 0 with C{--quick}: see
+    L{retriesFor}) and C{--crossbar}.
     """
-    from twisted.internet import stdio
-    from twisted.protocols.basic import LineReceiver
+    parser.add_argument("--retries", type=int, default=None,
+                        help=f"measure a run again up to this often while other work disturbs it (default: {retries}; --quick: 0)")
+    parser.add_argument("--crossbar", default=None, help="the crossbar executable (default: bench/.venv-peers/bin/crossbar)")
 
-    class Commands(LineReceiver):
-        delimiter = b"\n"
 
-        def lineReceived(self, line: bytes) -> None:
-            callback(line.decode("ascii", "replace").strip())
+def retriesFor(args: argparse.Namespace, default: int) -> int:
+    """
+    C{--retries}, else 0 with C{--quick}, else C{default}.
+    """
+    if args.retries is not None:
+        return args.retries
+    return 0 if args.quick else default
 
-    stdio.StandardIO(Commands())
+
+def exitStatus(error: BaseException, failed: type[Exception]) -> int:
+    """
+    Say on stderr what ended the runs early, and return the exit status
+    for it: a deadline, a C{failed} check, or anything else.
+    """
+    if isinstance(error, common.Deadline):
+        print(f"deadline: {error}", file=sys.stderr)
+        return common.EXIT_DEADLINE
+    if isinstance(error, failed):
+        print(f"failed: {error}", file=sys.stderr)
+        return common.EXIT_FAILED
+    print(f"error: {error!r}", file=sys.stderr)
+    return common.EXIT_ERROR
+
+
+def report(workload: str, title: str, rows: Sequence[dict[str, Any]], path: str | None, extra: dict[str, Any]) -> None:
+    """
+    Print the table of C{rows} and write them (C{bench/out/<workload>.json},
+    or C{path}).
+    """
+    print()
+    print(title)
+    common.printTable(rows, targets=list(TARGETS))
+    path = common.writeResults(workload, title, rows, path=path, targets=list(TARGETS), extra=extra)
+    print(f"results: {os.path.relpath(path)}")

@@ -64,7 +64,7 @@ class Opener:
     Opens connections one after the other, at most C{window} in flight,
     until C{target} are open; reports C{ready} when they are.
 
-    @ivar start: called with a callback to open one connection; the
+    @param start: called with a callback to open one connection; the
         connection calls it once when it is open.
     """
 

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from crossbar_harness import common, emit, fail, onStdinLine, ownCpu, watchdog
+import common
+from common import emit, fail, onStdinLine, ownCpu, watchdog
 
 
 class _Loop:

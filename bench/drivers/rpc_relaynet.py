@@ -26,9 +26,12 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # common
+sys.path.insert(0, HERE)  # rpc_loop
 
-from crossbar_harness import common, emit, fail, watchdog
+import common
+from common import emit, fail, watchdog
 
 
 def runListener(args: argparse.Namespace) -> None:

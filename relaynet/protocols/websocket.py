@@ -250,10 +250,10 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
     # autobahn options the relay never changes, fixed here as class
     # attributes: autobahn copies each option it does not find on the
     # protocol from the factory onto every connection.  Keeping these off
-    # the instances keeps each connection's __dict__ at most 85 entries,
-    # below the size where CPython doubles it (from 1.6 to 3.3 KiB), which
-    # is a large part of what an idle connection costs.  Options set with
-    # factory.setProtocolOptions() do not apply to these.
+    # the instances keeps each connection's __dict__ under 86 entries, the
+    # point where CPython 3.11 doubles its table (from 1.5 to 3.25 KiB), a
+    # large part of what an idle connection costs (bench/idle.py).  Options
+    # set with factory.setProtocolOptions() do not apply to these.
     logOctets = False
     logFrames = False
     trackTimings = False
@@ -261,8 +261,8 @@ class HybridConnectionProtocol(WebSocketServerProtocol):
     webStatus = False
     serveFlashSocketPolicy = False
     flashSocketPolicy = ""
-    allowedOrigins = ["*"]
-    allowedOriginsPatterns = wildcards2patterns(allowedOrigins)
+    allowedOrigins = ("*",)
+    allowedOriginsPatterns = tuple(wildcards2patterns(allowedOrigins))
     allowNullOrigin = True
     maxConnections = 0
     trustXForwardedFor = 0

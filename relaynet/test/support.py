@@ -249,3 +249,35 @@ async def rawRequest(port: int, request: bytes, timeout: float = 10) -> tuple[in
     statusLine = response.split(b"\r\n", 1)[0].decode("latin-1")
     _, status, reason = (statusLine.split(" ", 2) + ["", ""])[:3]
     return int(status or 0), reason, response
+
+
+async def waitFor(condition: Any, timeout: float = 20) -> None:
+    """
+    Wait (polling every 10 ms) until C{condition()} is true; fail the test
+    after C{timeout} seconds.
+    """
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("timed out")
+
+
+def watchJoins(case: TestCase) -> list[str]:
+    """
+    Record, for each native sender the relay (in this process) joins to
+    its listener, what the listener is: C{"NativeParty"} for a native
+    listener, C{"HybridConnectionProtocol"} for a WebSocket one.  WebSocket
+    senders are not recorded.  The patch is undone when C{case} ends.
+    """
+    from relaynet.protocols.native import NativeSender
+
+    joins: list[str] = []
+    original = NativeSender.join
+
+    def join(sender: NativeSender, listener: Any) -> None:
+        joins.append(type(listener).__name__)
+        original(sender, listener)
+
+    case.patch(NativeSender, "join", join)
+    return joins

@@ -33,7 +33,7 @@ from relaynet.errors import Forbidden
 from relaynet.service import RelayService
 from relaynet.streams import NoListenerError, connectStream
 from relaynet.tap import Options
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
+from relaynet.test.support import KEY, KEY_NAME, RelayFixture, watchJoins
 from relaynet.tokens import fromKey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,24 +201,6 @@ class CliCase(TestCase):
         self.assertNotIn("Traceback", text)
         for fragment in fragments:
             self.assertIn(fragment, text)
-
-    def watchJoins(self) -> list[str]:
-        """
-        Record, for each native sender the relay (in this process) joins
-        to its listener, what the listener is: C{"NativeParty"} (native)
-        or C{"HybridConnectionProtocol"} (WebSocket).
-        """
-        from relaynet.protocols.native import NativeSender
-
-        joins: list[str] = []
-        original = NativeSender.join
-
-        def join(sender: NativeSender, listener: Any) -> None:
-            joins.append(type(listener).__name__)
-            original(sender, listener)
-
-        self.patch(NativeSender, "join", join)
-        return joins
 
     async def forwarding(self, target: str, *more: str) -> tuple[Running, Running, int]:
         """
@@ -510,7 +492,7 @@ class ForwardTests(CliCase):
         forward --native on both sides: the relay joins native streams, and
         the bytes pass both ways unchanged.
         """
-        joins = self.watchJoins()
+        joins = watchJoins(self)
         size = 4 * 1024 * 1024
         server, target = await self.sinkSource(size, size)
         serve, local, port = await self.forwarding(f"127.0.0.1:{target}", "--native")
@@ -523,7 +505,7 @@ class ForwardTests(CliCase):
         forward --local --native reaches a forward --serve without it: the
         relay bridges the native stream to the WebSocket listener.
         """
-        joins = self.watchJoins()
+        joins = watchJoins(self)
         size = 1024 * 1024
         server, target = await self.sinkSource(size, size)
         serve = self.start("forward", "--serve", "-r", self.url, "-e", "hyco", "--target", f"127.0.0.1:{target}")
@@ -784,7 +766,7 @@ class SubprocessTests(CliCase):
         listen --native and connect --native: bytes pass both ways, and
         both exit 0.
         """
-        joins = self.watchJoins()
+        joins = watchJoins(self)
         listen, listenTransport = self.spawn("listen", "-r", self.url, "-e", "hyco", "-N", "--native")
         await listen.waitFor(b"listening on 'hyco'")
         connect, connectTransport = self.spawn("connect", "-r", self.url, "-e", "hyco", "--native")

@@ -54,7 +54,7 @@ from relaynet.endpoints import (
 from relaynet.listener import RelayRefused
 from relaynet.streams import AuthorizationError, NoListenerError, RelayAddress, RelayConnectError, RejectedError
 from relaynet.test.test_streams import Collect
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture, makeCertificate
+from relaynet.test.support import KEY, KEY_NAME, RelayFixture, makeCertificate, watchJoins
 from relaynet.tokens import getToken
 
 TOKEN = "SharedAccessSignature sr=http%3A%2F%2F127.0.0.1%3A9090%2Fhyco&sig=abc&se=99&skn=r"
@@ -540,25 +540,6 @@ class EndToEndTests(TestCase):
         with self.assertRaises(NoListenerError):
             await client.connect(Factory.forProtocol(Collect))
 
-    def watchJoins(self) -> list[str]:
-        """
-        Record, for each native sender the relay joins to its listener,
-        what the listener is: C{"NativeParty"} for a native listener,
-        C{"HybridConnectionProtocol"} for a WebSocket one.  WebSocket
-        senders are not recorded.
-        """
-        from relaynet.protocols.native import NativeSender
-
-        joins: list[str] = []
-        original = NativeSender.join
-
-        def join(sender: NativeSender, listener: Any) -> None:
-            joins.append(type(listener).__name__)
-            original(sender, listener)
-
-        self.patch(NativeSender, "join", join)
-        return joins
-
     async def echoed(self, client: IStreamClientEndpoint) -> None:
         """
         Connect a L{Collect} with C{client} to an echo server; bytes of
@@ -585,7 +566,7 @@ class EndToEndTests(TestCase):
         C{native=yes} client endpoint connects to it.  The relay joins a
         native sender to a native listener.
         """
-        joins = self.watchJoins()
+        joins = watchJoins(self)
         factory = Counted()
         port = await self.listen("hyco", factory, native="yes")
         client = clientFromString(reactor, self.description("hyco", native="yes"))
@@ -600,7 +581,7 @@ class EndToEndTests(TestCase):
         C{native}: the relay bridges the native sender to the WebSocket
         listener.
         """
-        joins = self.watchJoins()
+        joins = watchJoins(self)
         await self.listen("hyco", Counted())
         await self.echoed(clientFromString(reactor, self.description("hyco", native="yes")))
         self.assertEqual(joins, ["HybridConnectionProtocol"])

@@ -20,7 +20,7 @@ from relaynet.listener import AcceptRequest, HybridListener, RelayRefused
 from relaynet.service import RelayService
 from relaynet.streams import MessageProtocol, RejectedError, RelayAddress, connectStream
 from relaynet.tap import Options
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
+from relaynet.test.support import KEY, KEY_NAME, RelayFixture, waitFor
 from relaynet.tokens import fromKey
 
 
@@ -48,14 +48,6 @@ class Collect(MessageProtocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
-
-
-async def waitFor(condition: Any, timeout: float = 10) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("timed out")
 
 
 class ListenerStreamTests(TestCase):

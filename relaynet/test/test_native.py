@@ -34,7 +34,7 @@ from relaynet.streams import (
     RelayAddress,
     connectStream,
 )
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
+from relaynet.test.support import KEY, KEY_NAME, RelayFixture, waitFor
 from relaynet.tokens import fixedToken, fromKey
 
 
@@ -115,14 +115,6 @@ class Slow(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
-
-
-async def waitFor(condition: Any, timeout: float = 20) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("timed out")
 
 
 class _Behaviour:
@@ -454,3 +446,30 @@ def deferToThreadish(f: Any, *args: Any) -> Deferred[Any]:
     from twisted.internet.threads import deferToThread
 
     return deferToThread(f, *args)
+
+
+class FootprintTests(TestCase):
+    """
+    What an open WebSocket costs the relay stays small (bench/idle.py
+    measures it; these guard what it relies on).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.relay = RelayFixture(self, ["--entity", "hyco"])
+
+    async def test_smallAttributeTables(self) -> None:
+        """
+        An open control channel or leg keeps fewer than 86 attributes, the
+        size at which CPython 3.11 doubles an instance's table, and nothing
+        of its handshake's request.
+        """
+        control = await self.relay.listener("hyco")
+        await self.relay.pair("hyco")
+        self.addCleanup(lambda: control.sendClose(1000))
+        connections = list(self.relay.service.websockets.connections)
+        self.assertGreaterEqual(len(connections), 3)
+        for proto in connections:
+            self.assertLess(len(proto.__dict__), 86, proto.role)
+            self.assertEqual((proto.info.headers, proto.info.query), ([], {}))
