@@ -457,7 +457,7 @@ class FootprintTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.relay = RelayFixture(self, ["--entity", "hyco"])
+        self.relay = RelayFixture(self, ["--entity", "hyco", "--entity", "idle"])
 
     async def test_smallAttributeTables(self) -> None:
         """
@@ -465,7 +465,7 @@ class FootprintTests(TestCase):
         size at which CPython 3.11 doubles an instance's table, and nothing
         of its handshake's request.
         """
-        control = await self.relay.listener("hyco")
+        control = await self.relay.listener("idle")
         await self.relay.pair("hyco")
         self.addCleanup(lambda: control.sendClose(1000))
         connections = list(self.relay.service.websockets.connections)
