@@ -53,7 +53,7 @@ class RelaySettings:
     subscriberOutbox: int = 1000
 
 
-@dataclass
+@dataclass(slots=True)
 class HandshakeInfo:
     """
     What the relay needs to know of a client's opening request.

@@ -36,6 +36,8 @@ class ReadSide:
     pauses and resumes reading, and leaves closing to the splice.
     """
 
+    __slots__ = ("_transport",)
+
     def __init__(self, transport: ITransport) -> None:
         self._transport = transport
 
@@ -54,11 +56,13 @@ class Leg:
     One side of a splice: the frames its peer sends go to the partner.
     """
 
-    partner: Leg | None = None
-    halfClosed = False
+    # Two per relayed connection, for as long as it lasts.
+    __slots__ = ("proto", "partner", "halfClosed")
 
     def __init__(self, proto: HybridConnectionProtocol) -> None:
         self.proto = proto
+        self.partner: Leg | None = None
+        self.halfClosed = False
 
     def _target(self) -> HybridConnectionProtocol | None:
         if self.partner is not None and self.partner.proto.state == OPEN:

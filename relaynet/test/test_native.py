@@ -473,3 +473,5 @@ class FootprintTests(TestCase):
         for proto in connections:
             self.assertLess(len(proto.__dict__), 86, proto.role)
             self.assertEqual((proto.info.headers, proto.info.query), ([], {}))
+            self.assertNotIn("send_queue", proto.__dict__)
+            self.assertNotIn("trafficStats", proto.__dict__)
