@@ -110,6 +110,21 @@ class RawEnd(Protocol):
     partner: End | None = None
     readEnded = False
     writeEnded = False
+    #: The kernel splice that moves this side's bytes, if one does.
+    splice: zerocopy.KernelSplice | None = None
+
+    def __init__(self, streams: set[RawEnd]) -> None:
+        self.streams = streams
+        streams.add(self)
+
+    def goAway(self) -> None:
+        """
+        The relay is stopping: end the stream, after what is on its way.
+        """
+        if self.splice is not None:
+            self.splice.stop()
+        else:
+            self.finish()
 
     def dataReceived(self, data: bytes) -> None:
         if self.partner is not None:
@@ -126,6 +141,7 @@ class RawEnd(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.streams.discard(self)
         partner, self.partner = self.partner, None
         if partner is None:
             return
@@ -290,9 +306,10 @@ class NativeParty:
     ordinary C{twisted.web} request, so a refusal is an HTTP answer.
     """
 
-    def __init__(self, request: Request, info: HandshakeInfo) -> None:
+    def __init__(self, request: Request, info: HandshakeInfo, streams: set[RawEnd]) -> None:
         self.request = request
         self.info = info
+        self.streams = streams
         self.gone = False
         self.done = False
         request.notifyFinish().addErrback(self._left)
@@ -346,7 +363,7 @@ class NativeParty:
 
         self.done = True
         self._onGone.clear()
-        end = RawEnd()
+        end = RawEnd(self.streams)
         transport = takeOverChannel(self.request, end)
         if greet:
             transport.write(SWITCHING)
@@ -385,7 +402,9 @@ class NativeSender:
         elif self.party.plainTcp and listener.plainTcp and zerocopy.available(self.relay.clock):
             sender = self.party.takeOver(greet=False)
             receiver = listener.takeOver(greet=False)
-            zerocopy.KernelSplice(self.relay.clock, sender.transport, receiver.transport, SWITCHING, SWITCHING).start()
+            splice = zerocopy.KernelSplice(self.relay.clock, sender.transport, receiver.transport, SWITCHING, SWITCHING)
+            sender.splice = receiver.splice = splice
+            splice.start()
         else:
             _link(self.party.takeOver(), listener.takeOver())
 
@@ -400,7 +419,7 @@ class NativeUpgrade:
         self.factory = factory
         self.relay: Relay = factory.relay
         self.info = info
-        self.party = NativeParty(request, info)
+        self.party = NativeParty(request, info, factory.nativeStreams)
 
     def start(self) -> None:
         from twisted.internet.defer import Deferred

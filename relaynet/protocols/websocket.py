@@ -592,6 +592,8 @@ class HybridConnectionFactory(WebSocketServerFactory):
         self.relay = relay
         self.throttle = FailureThrottle(relay.clock)
         self.connections: set[HybridConnectionProtocol] = set()
+        # Native streams once upgraded (relaynet.protocols.native.RawEnd).
+        self.nativeStreams: set[Any] = set()
         settings = relay.settings
         self.setProtocolOptions(
             # Legs stream frames through, so no frame or message is held
@@ -610,6 +612,8 @@ class HybridConnectionFactory(WebSocketServerFactory):
     def goAway(self) -> None:
         for proto in list(self.connections):
             proto.goAway()
+        for stream in list(self.nativeStreams):
+            stream.goAway()
 
 
 def _isUpgrade(request: Request) -> bool:

@@ -41,6 +41,8 @@ log = Logger()
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 #: The pipe size asked for: the most one splice call moves.
 PIPE_SIZE = 1 << 20
+#: The most pipe-fulls one readable event moves.
+ROUNDS = 8
 
 
 def available(reactor: Any) -> bool:
@@ -114,29 +116,38 @@ class _Flow:
 
     def readable(self) -> None:
         """
-        The source has bytes, or its end: move one pipe-full.
+        The source has bytes, or its end: move them, a pipe-full at a time,
+        until the source has no more for now or the sink is full (at most
+        L{ROUNDS} pipe-fulls, so that one busy stream does not keep others
+        waiting).
         """
-        if self.done or not self._drain():
-            return
-        pipe = self.pipe or _pool.take()
-        try:
-            moved = os.splice(self.source.fd, pipe.write, pipe.size, flags=_FLAGS)
-        except BlockingIOError:
-            moved = -1
-        except OSError as e:
+        for _ in range(ROUNDS):
+            if self.done or not self._drain():
+                return
+            pipe = self.pipe or _pool.take()
+            try:
+                moved = os.splice(self.source.fd, pipe.write, pipe.size, flags=_FLAGS)
+            except BlockingIOError:
+                moved = -1
+            except OSError as e:
+                self.pipe = pipe
+                self.owner.fail(e)
+                return
+            if moved < 0:
+                if self.pipe is None:
+                    _pool.give(pipe)
+                return
             self.pipe = pipe
-            self.owner.fail(e)
-            return
-        if moved < 0:
-            if self.pipe is None:
-                _pool.give(pipe)
-            return
-        self.pipe = pipe
-        if moved == 0:
-            self.ended = True
-            self.source.want(read=False)
-        else:
+            if moved == 0:
+                self.ended = True
+                self.source.want(read=False)
+                self._drain()
+                return
             self.inPipe += moved
+            if moved < pipe.size:
+                # The source had less than a pipe-full: most likely all it
+                # had, and the reactor says when there is more.
+                break
         self._drain()
 
     def writable(self) -> None:
@@ -283,6 +294,17 @@ class KernelSplice:
         for flow in self.flows:
             flow.discard()
         self._end(clean=False)
+
+    def stop(self) -> None:
+        """
+        End both connections now, as closes rather than resets; bytes still
+        in a pipe are dropped.
+        """
+        if self.over:
+            return
+        for flow in self.flows:
+            flow.discard()
+        self._end(clean=True)
 
     def _end(self, clean: bool) -> None:
         self.over = True

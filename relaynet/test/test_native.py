@@ -264,6 +264,18 @@ class _Behaviour:
         await waitFor(lambda: receiver.received >= written)
         self.assertEqual(receiver.received, written)
 
+    async def test_relayStops(self) -> None:
+        """
+        A relay that stops ends its open streams: the sender's stream ends.
+        """
+        await self.listen(self.echoFactory())
+        sink = await self.send(Factory.forProtocol(Sink))
+        sink.transport.write(b"ping")
+        await waitFor(lambda: len(sink.received) >= 4)
+        self.relay.service.websockets.goAway()
+        await sink.ended
+        self.assertEqual(bytes(sink.received), b"ping")
+
     async def test_noListener(self) -> None:
         with self.assertRaises(NoListenerError) as e:
             await self.send(Factory.forProtocol(Sink))

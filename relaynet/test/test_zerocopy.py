@@ -161,3 +161,23 @@ class PipePoolTests(TestCase):
             self.assertRaises(OSError, os.fstat, pipe.read)
         for pipe in pipes[:2]:
             pipe.close()
+
+
+class KernelSpliceStopTests(KernelSpliceTests):
+    """
+    L{KernelSplice.stop}: the relay is stopping.
+    """
+
+    async def test_stop(self) -> None:
+        """
+        Both connections end as closes, not resets, and the pipes go.
+        """
+        self.first.sendall(b"on its way")
+        await deferLater(reactor, 0.05, lambda: None)
+        self.splice.stop()
+        self.assertEqual(await deferToThread(readAll, self.second), b"hello second\non its way")
+        self.assertEqual(await deferToThread(readAll, self.first), b"hello first\n")
+        await self.held[0].lost
+        await self.held[1].lost
+        for flow in self.splice.flows:
+            self.assertIsNone(flow.pipe)
