@@ -85,7 +85,7 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from relaynet.auth import SasToken
-from relaynet.protocols.websocket import ClockTimer, cancelTimers, stripRelayParameters
+from relaynet.protocols.websocket import ClockTimer, DirectIO, cancelTimers, stripRelayParameters
 from relaynet.streams import (
     RelayAddress,
     RelayConnectError,
@@ -748,7 +748,7 @@ class RelayedHttpRequest:
         self.finish()
 
 
-class _Client(WebSocketClientProtocol):
+class _Client(DirectIO, WebSocketClientProtocol):  # type: ignore[misc]
     """
     What the control channel and rendezvous sockets share: L{Deferred}s for
     the handshake and the end, a refused handshake's status, and a drop timer

@@ -39,7 +39,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaynet.protocols.websocket import cancelTimers
+from relaynet.protocols.websocket import DirectIO, cancelTimers
 from relaynet.tokens import TokenProvider, getToken
 
 __all__ = [
@@ -333,7 +333,7 @@ class _StreamTransport:
         return self._valve.whenWritable()
 
 
-class StreamWebSocket(WebSocketClientProtocol):
+class StreamWebSocket(DirectIO, WebSocketClientProtocol):  # type: ignore[misc]
     """
     A WebSocket carrying one relayed stream to a user's protocol.
 
