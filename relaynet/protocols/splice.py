@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["Leg", "ReadSide", "splice"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
+#: The largest single-frame message passed on whole rather than streamed.
+WHOLE = 65536
 CLOSING = WebSocketProtocol.STATE_CLOSING
 
 
@@ -57,12 +59,18 @@ class Leg:
     """
 
     # Two per relayed connection, for as long as it lasts.
-    __slots__ = ("proto", "partner", "halfClosed")
+    __slots__ = ("proto", "partner", "halfClosed", "_binary", "_started", "_whole")
 
     def __init__(self, proto: HybridConnectionProtocol) -> None:
         self.proto = proto
         self.partner: Leg | None = None
         self.halfClosed = False
+        self._binary = True
+        # Whether the partner's copy of the message has begun.
+        self._started = False
+        # The payload of a small single-frame message, gathered to pass on
+        # as one frame.
+        self._whole: list[bytes] | None = None
 
     def _target(self) -> HybridConnectionProtocol | None:
         if self.partner is not None and self.partner.proto.state == OPEN:
@@ -70,25 +78,41 @@ class Leg:
         return None
 
     def messageBegin(self, isBinary: bool) -> None:
-        target = self._target()
-        if target is not None:
-            target.beginMessage(isBinary=isBinary)
+        self._binary = isBinary
+        self._started = False
 
     def frameBegin(self, length: int) -> None:
         target = self._target()
-        if target is not None:
-            target.beginMessageFrame(length)
-            if not length:
-                target.sendMessageFrameData(b"")
+        if target is None:
+            return
+        if not self._started and length <= WHOLE and self.proto.current_frame.fin:
+            # A message of one small frame passes as one frame: streaming
+            # it would cost an extra empty frame to end it.
+            self._whole = []
+            return
+        if not self._started:
+            target.beginMessage(isBinary=self._binary)
+            self._started = True
+        target.beginMessageFrame(length)
+        if not length:
+            target.sendMessageFrameData(b"")
 
     def frameData(self, payload: bytes) -> None:
+        if self._whole is not None:
+            self._whole.append(payload)
+            return
         target = self._target()
         if target is not None and payload:
             target.sendMessageFrameData(payload)
 
     def messageEnd(self) -> None:
         target = self._target()
-        if target is not None:
+        whole, self._whole = self._whole, None
+        if target is None:
+            return
+        if whole is not None:
+            target.sendMessage(b"".join(whole), isBinary=self._binary)
+        elif self._started:
             target.endMessage()
 
     def closeFrame(self, code: int | None, reason: bytes | None) -> bool:

@@ -116,6 +116,20 @@ class FrameTests(SynchronousTestCase):
         sender.send(CONTINUATION, b"lo", fin=True)
         self.assertEqual(accepted.messages(), [(TEXT, b"hello")])
 
+    def test_smallMessageIsOneFrame(self) -> None:
+        """
+        A message of one small frame arrives as that one frame; a larger
+        frame streams through as it comes, ended by an empty final frame.
+        """
+        from relaynet.protocols.splice import WHOLE
+
+        _, sender, accepted = _pair()
+        sender.send(BINARY, b"ping")
+        self.assertEqual(accepted.frames(), [(True, BINARY, b"ping")])
+        large = bytes(WHOLE + 1)
+        sender.send(TEXT, large)
+        self.assertEqual(accepted.frames()[1:], [(False, TEXT, large), (True, CONTINUATION, b"")])
+
     def test_emptyMessagePasses(self) -> None:
         _, sender, accepted = _pair()
         sender.send(BINARY, b"")
