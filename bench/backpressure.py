@@ -50,7 +50,6 @@ from common import (
     KEY_NAME,
     OUT_DIR,
     REPO,
-    Deadline,
     Pump,
     emit,
     onStdinLine,
@@ -554,27 +553,14 @@ def orchestrate(args: argparse.Namespace) -> int:
         else:
             status = EXIT_OK
             print("data check: OK (same byte count, SHA-256 and message count on both ends)")
-    except Deadline as e:
-        result["error"] = f"deadline: {e}"
-        print(f"DEADLINE PASSED ({args.timeout} s): {e}", file=sys.stderr)
-        status = EXIT_DEADLINE
-    except (KeyboardInterrupt, SystemExit) as e:
-        result["error"] = f"interrupted: {e!r}"
-        status = EXIT_ERROR
-    except Exception as e:  # noqa: BLE001 - reported, and the children still killed
-        result["error"] = f"{type(e).__name__}: {e}"
-        print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr)
-        status = EXIT_ERROR
+    except (Exception, KeyboardInterrupt, SystemExit) as e:  # noqa: BLE001 - reported, and the children still killed
+        status = common.failureStatus(result, e, args.timeout)
     finally:
         children.stopAll()
         if relay is not None:
             relay.stop()  # its data directory
         result["exitStatus"] = status
-        outPath = args.json or os.path.join(OUT_DIR, "backpressure.json")
-        os.makedirs(os.path.dirname(os.path.abspath(outPath)), exist_ok=True)
-        with open(outPath, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"results: {os.path.relpath(outPath)}")
+        common.dumpResult(args.json or os.path.join(OUT_DIR, "backpressure.json"), result)
     return status
 
 

@@ -212,10 +212,17 @@ class JsonLines:
                 if self.proc.poll() is not None and self.events.empty():
                     raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {event!r}") from None
                 continue
-            if got.get("event") == "error":
-                raise RuntimeError(f"{self.name}: {got.get('error')}")
+            self.check(got)
             if got.get("event") == event:
                 return got
+
+    def check(self, event: dict[str, Any]) -> None:
+        """
+        Raise if C{event} says the child failed: by default an C{error}
+        event.  Subclasses add their own failure events.
+        """
+        if event.get("event") == "error":
+            raise RuntimeError(f"{self.name}: {event.get('error')}")
 
     def send(self, line: str) -> None:
         """
@@ -237,6 +244,37 @@ def installSignalHandlers() -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
+
+
+def failureStatus(result: dict[str, Any], error: BaseException, timeout: float) -> int:
+    """
+    Note in C{result["error"]} why a script's measurement ended early, say
+    so on stderr (not for an interruption), and return the exit status:
+    L{EXIT_DEADLINE} for L{Deadline}, otherwise L{EXIT_ERROR}.
+
+    @param timeout: the script's C{--timeout}, for the deadline message.
+    """
+    if isinstance(error, Deadline):
+        result["error"] = f"deadline: {error}"
+        print(f"DEADLINE PASSED ({timeout} s): {error}", file=sys.stderr)
+        return EXIT_DEADLINE
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        result["error"] = f"interrupted: {error!r}"
+        return EXIT_ERROR
+    result["error"] = f"{type(error).__name__}: {error}"
+    print(f"ERROR: {type(error).__name__}: {error}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def dumpResult(path: str, result: dict[str, Any]) -> None:
+    """
+    Write C{result} as indented JSON to C{path} (creating its directory)
+    and print where it went.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"results: {os.path.relpath(path)}")
 
 
 def childEnv() -> dict[str, str]:
@@ -701,10 +739,10 @@ def watchdog(reactor: Any, deadline: float) -> None:
     LoopingCall(check).start(0.5)
 
 
-def onStdinLine(callback: Callable[[str], None]) -> None:
+def onStdinLine(callback: Callable[[str], None], onClose: Callable[[], None] | None = None) -> None:
     """
     Call C{callback} with each line the orchestrator writes on stdin
-    (stripped).
+    (stripped), and C{onClose}, if given, when the orchestrator closes it.
     """
     from twisted.internet import stdio
     from twisted.protocols.basic import LineReceiver
@@ -714,6 +752,10 @@ def onStdinLine(callback: Callable[[str], None]) -> None:
 
         def lineReceived(self, line: bytes) -> None:
             callback(line.decode("ascii", "replace").strip())
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if onClose is not None:
+                onClose()
 
     stdio.StandardIO(Commands())
 

@@ -33,31 +33,32 @@ Every wait has a deadline; every child is killed on exit (and by
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
-import json
 import math
 import os
-import platform
-import queue
-import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-OUT_DIR = os.path.join(HERE, "out")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import common
+from common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    OUT_DIR,
+    Children,
+    JsonLines,
+    freePort,
+    waitForPort,
+)
+
 DRIVER = os.path.join(HERE, "drivers", "idle_client.py")
 
-KEY_NAME = "BenchRule"
 KiB = 1024
 MiB = 1024 * 1024
 GOAL_KIB = 10.0
@@ -71,13 +72,11 @@ WARMUP = 50
 # samples SETTLE_INTERVAL apart.
 SETTLE_BYTES = 64 * KiB
 SETTLE_INTERVAL = 0.5
+# How long a server may take to listen, and a child to stop.
+START_TIMEOUT = 30.0
+STOP_GRACE = 5.0
 
-EXIT_OK, EXIT_DEADLINE, EXIT_ERROR = 0, 2, 4
 CASE_KEYS = ["listeners", "relayed-ws", "relayed-native", "transit-waiting", "transit-pairs"]
-
-
-class Deadline(Exception):
-    pass
 
 
 class Unsupported(Exception):
@@ -107,119 +106,39 @@ class Case:
 # Processes
 
 
-_libc: Any = None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover
-    pass
-
-
-def _dieWithParent() -> None:
-    # PR_SET_PDEATHSIG = 1: the child gets SIGKILL if this process dies.
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-class Child:
+class Client(JsonLines):
     """
-    A child process; with C{lines}, its stdout JSON lines go to a queue.
+    A client driver's events; its C{unsupported} event (the relay refused
+    the native upgrade) raises L{Unsupported}.
     """
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: str | None = None) -> None:
-        self.name = name
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        out: Any = subprocess.PIPE
-        if log is not None:
-            out = open(log, "wb")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.PIPE if log is None else subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT if log is not None else None,
-            # Only a prctl() call, before any reader thread for this child.
-            preexec_fn=_dieWithParent,  # noqa: PLW1509
-        )
-        if log is None:
-            threading.Thread(target=self._read, daemon=True).start()
-        else:
-            out.close()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").strip()
-            if line.startswith("{"):
-                try:
-                    self.events.put(json.loads(line))
-                except ValueError:
-                    pass
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode("ascii") + b"\n")
-        self.proc.stdin.flush()
-
-    def wait(self, event: str, deadline: float) -> dict[str, Any]:
-        """
-        The next C{event} line; raise on an error line, on exit, or at the
-        deadline.
-        """
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Deadline(f"{self.name}: no {event!r} before the deadline")
-            try:
-                got = self.events.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                if self.proc.poll() is not None and self.events.empty():
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {event!r}") from None
-                continue
-            if got.get("event") == "error":
-                raise RuntimeError(f"{self.name}: {got.get('error')}")
-            if got.get("event") == "unsupported":
-                raise Unsupported(got.get("status", ""))
-            if got.get("event") == event:
-                return got
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    def check(self, event: dict[str, Any]) -> None:
+        super().check(event)
+        if event.get("event") == "unsupported":
+            raise Unsupported(event.get("status", ""))
 
 
-def freePort() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def startTimeout(deadline: float) -> float:
+    """
+    Seconds a server may take to listen: L{START_TIMEOUT}, or less if the
+    (monotonic) C{deadline} comes first.
+    """
+    return min(START_TIMEOUT, deadline - time.monotonic())
 
 
-def waitForPort(port: int, server: Child, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited ({server.proc.returncode}) before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise Deadline(f"{server.name} did not listen before the deadline")
+def freshLog(log: str) -> str:
+    """
+    Empty the log file C{log} (each case's log holds its last run only).
+    """
+    open(log, "wb").close()
+    return log
 
 
 def rss(pid: int) -> int:
     """
     VmRSS of process C{pid}, in bytes.
     """
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * KiB
-    raise RuntimeError(f"no VmRSS for {pid}")
+    return common.readStatus(pid)["VmRSS"]
 
 
 def settledRss(pid: int, deadline: float) -> int:
@@ -238,78 +157,63 @@ def settledRss(pid: int, deadline: float) -> int:
     return last
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-    }
-
-
 # ---------------------------------------------------------------------------
 # Servers
 
 
+@dataclass
 class Server:
     """
     A relay (ours or the peer) running for one case.
+
+    @ivar stop: stops it and removes what it left behind.
     """
 
-    def __init__(self, child: Child, port: int, key: str, entities: list[str], dataDir: str | None) -> None:
-        self.child, self.port, self.key, self.entities, self.dataDir = child, port, key, entities, dataDir
+    proc: subprocess.Popen[bytes]
+    port: int
+    key: str
+    entities: list[str]
+    stop: Callable[[], None]
 
     @property
     def pid(self) -> int:
-        return self.child.proc.pid
-
-    def stop(self) -> None:
-        self.child.kill()
-        if self.dataDir:
-            shutil.rmtree(self.dataDir, ignore_errors=True)
+        return self.proc.pid
 
 
-def startRelaynet(python: str, env: dict[str, str], processes: int, deadline: float, log: str) -> Server:
+def startRelaynet(children: Children, python: str, processes: int, deadline: float, log: str) -> Server:
     """
     A relay with one entity per client process, each taking any number of
     listeners (C{--max-listeners}; the default is 25).
     """
-    twistd = os.path.join(os.path.dirname(python), "twistd")
-    key = base64.b64encode(os.urandom(32)).decode("ascii")
     entities = [f"idle{i}" for i in range(processes)]
-    dataDir = tempfile.mkdtemp(prefix="relaynet-idle-")
-    port = freePort()
-    argv = [twistd, "-n", "--pidfile=", "relaynet", "--listen", f"tcp:{port}:interface=127.0.0.1"]
-    argv += ["--rule", f"{KEY_NAME}={key}", "--max-listeners", "20000", "--data-dir", dataDir]
-    for entity in entities:
-        argv += ["--entity", entity]
-    server = Server(Child("relay", argv, env, log=log), port, key, entities, dataDir)
-    try:
-        waitForPort(port, server.child, min(deadline, time.monotonic() + 30))
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    relay = common.Relay(
+        children, python=python, entityArgs=[arg for entity in entities for arg in ("--entity", entity)],
+        extraArgs=["--max-listeners", "20000"], log=freshLog(log), timeout=startTimeout(deadline),
+    )
+    return Server(relay.proc, relay.port, relay.key, entities, relay.stop)
 
 
-def startTransit(peers: str, env: dict[str, str], deadline: float, log: str) -> Server:
-    twistd = os.path.join(peers, "bin", "twistd")
-    port = freePort()
-    argv = [twistd, "-n", "--pidfile=", "transitrelay", f"--port=tcp:{port}:interface=127.0.0.1"]
-    peerEnv = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    server = Server(Child("transit", argv, peerEnv, log=log), port, "", [""], None)
+def startListening(children: Children, name: str, argv: Sequence[str], port: int, env: dict[str, str],
+                   deadline: float, log: str) -> subprocess.Popen[bytes]:
+    """
+    Start the server C{argv} and wait until it listens on C{port}; stop it
+    if it does not.
+    """
+    proc = children.start(argv, log=freshLog(log), env=env)
     try:
-        waitForPort(port, server.child, min(deadline, time.monotonic() + 30))
+        waitForPort(port, proc, startTimeout(deadline), name)
     except BaseException:
-        server.stop()
+        children.stop(proc, STOP_GRACE)
         raise
-    return server
+    return proc
+
+
+def startTransit(children: Children, peers: str, deadline: float, log: str) -> Server:
+    port = freePort()
+    argv = [os.path.join(peers, "bin", "twistd"), "-n", "--pidfile=", "transitrelay", f"--port=tcp:{port}:interface=127.0.0.1"]
+    peerEnv = {k: v for k, v in common.childEnv().items() if k != "PYTHONPATH"}
+    proc = startListening(children, "transit", argv, port, peerEnv, deadline, log)
+    return Server(proc, port, "", [""], lambda: children.stop(proc, STOP_GRACE))
 
 
 def findPeers(requested: str | None) -> str | None:
@@ -333,7 +237,7 @@ def findPeers(requested: str | None) -> str | None:
 # One case
 
 
-def runCase(case: Case, args: argparse.Namespace, env: dict[str, str], deadline: float) -> dict[str, Any]:
+def runCase(case: Case, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     """
     Measure C{case} once, on a fresh server.
 
@@ -342,11 +246,12 @@ def runCase(case: Case, args: argparse.Namespace, env: dict[str, str], deadline:
     top = max(case.steps)
     processes = max(1, math.ceil((top + WARMUP) * case.socketsPer / CLIENT_SOCKETS))
     log = os.path.join(OUT_DIR, f"idle-{case.key}.log")
+    children = Children()
     if case.target == "transit":
-        server = startTransit(args.peers, env, deadline, log)
+        server = startTransit(children, args.peers, deadline, log)
     else:
-        server = startRelaynet(args.python, env, processes, deadline, log)
-    clients: list[Child] = []
+        server = startRelaynet(children, args.python, processes, deadline, log)
+    clients: list[Client] = []
     try:
         cold = settledRss(server.pid, deadline)
         for i in range(processes):
@@ -355,9 +260,10 @@ def runCase(case: Case, args: argparse.Namespace, env: dict[str, str], deadline:
                 "--port", str(server.port), "--key", server.key, "--entity", server.entities[i % len(server.entities)],
                 "--window", str(args.window), "--deadline", str(time.time() + (deadline - time.monotonic())),
             ]
-            clients.append(Child(f"client {i}", argv, env))
+            proc = children.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            clients.append(Client(f"client {i}", proc))
         for client in clients:
-            client.wait("listening", deadline)
+            client.waitUntil("listening", deadline)
 
         def openTo(total: int) -> float:
             """
@@ -368,7 +274,7 @@ def runCase(case: Case, args: argparse.Namespace, env: dict[str, str], deadline:
             for i, client in enumerate(clients):
                 client.send(f"TARGET {share + (i < extra)}")
             for client in clients:
-                client.wait("ready", deadline)
+                client.waitUntil("ready", deadline)
             return time.monotonic() - t0
 
         openTo(WARMUP)
@@ -387,8 +293,9 @@ def runCase(case: Case, args: argparse.Namespace, env: dict[str, str], deadline:
         return {"coldRss": cold, "baselineRss": baseline, "warmup": WARMUP, "clientProcesses": processes, "steps": steps}
     finally:
         for client in clients:
-            client.kill()
+            children.stop(client.proc, STOP_GRACE)
         server.stop()
+        children.stopAll()  # anything started but not yet in hand
 
 
 # ---------------------------------------------------------------------------
@@ -435,13 +342,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def orchestrate(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     os.makedirs(OUT_DIR, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
     result: dict[str, Any] = {
         "workload": "idle",
         "title": "Relay memory per idle connection",
-        "machine": machine(),
+        "machine": common.machine(),
         "config": {"runs": args.runs, "warmup": WARMUP, "window": args.window, "goalKiB": GOAL_KIB},
         "rows": [],
         "details": {},
@@ -456,7 +360,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 if case.key in skipped:
                     continue
                 try:
-                    once = runCase(case, args, env, deadline)
+                    once = runCase(case, args, deadline)
                     measured.setdefault(case.key, []).append(once)
                 except Unsupported as e:
                     skipped[case.key] = f"the relay does not accept it: {e}"
@@ -467,44 +371,19 @@ def orchestrate(args: argparse.Namespace) -> int:
             runs = measured[case.key]
             for i, n in enumerate(case.steps):
                 values = [r["steps"][i]["kibPerConnection"] for r in runs]
-                result["rows"].append(
-                    {
-                        "case": case.label.format(n=n),
-                        "target": case.target,
-                        "metric": "KiB per connection",
-                        "unit": "KiB",
-                        "better": "lower",
-                        "value": statistics.median(values),
-                        "runs": values,
-                    }
-                )
+                result["rows"].append(common.makeRow(case.label.format(n=n), case.target, "KiB per connection", "KiB", "lower", values))
         result["details"] = {"runs": measured, "skipped": skipped}
         print()
         print(table(result["rows"]))
         for key, why in skipped.items():
             print(f"{key}: skipped, {why}")
         status = EXIT_OK
-    except Deadline as e:
-        result["error"] = f"deadline: {e}"
-        print(f"DEADLINE PASSED ({args.timeout} s): {e}", file=sys.stderr)
-        status = EXIT_DEADLINE
-    except (KeyboardInterrupt, SystemExit) as e:
-        result["error"] = f"interrupted: {e!r}"
-    except Exception as e:  # noqa: BLE001 - reported; the children are already killed
-        result["error"] = f"{type(e).__name__}: {e}"
-        print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt, SystemExit) as e:  # noqa: BLE001 - reported; the children are already killed
+        status = common.failureStatus(result, e, args.timeout)
     finally:
         result["exitStatus"] = status
-        out = args.json
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"results: {os.path.relpath(out)}")
+        common.dumpResult(args.json, result)
     return status
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,12 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         args.runs = 1
     if args.runs < 1 or args.window < 1 or args.timeout <= 0:
         parser.error("--runs, --window and --timeout must be positive")
-    if args.python is None:
-        venv = os.path.join(REPO, ".venv", "bin", "python")
-        args.python = venv if os.path.exists(venv) else sys.executable
+    args.python = common.findPython(args.python)
     args.peers = None if args.no_peers else findPeers(args.peers)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    common.installSignalHandlers()
     return orchestrate(args)
 
 

@@ -44,19 +44,18 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
-KEY_NAME = "BenchRule"
-EXIT_DEADLINE, EXIT_ERROR = 2, 4
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common
 
-
-def emit(**fields: Any) -> None:
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+import common
+from common import emit, onStdinLine, watchdog
 
 
 def fail(message: str) -> None:
-    emit(event="error", error=message)
+    """
+    L{common.fail}, saying so on stderr too.
+    """
     sys.stderr.write(f"idle_client {os.getpid()}: {message}\n")
-    os._exit(EXIT_ERROR)
+    common.fail(message)
 
 
 class Opener:
@@ -108,10 +107,8 @@ class Opener:
 
 
 def relayUrl(args: argparse.Namespace, action: str) -> str:
-    from relaynet.auth import mintToken
-
     host = f"127.0.0.1:{args.port}"
-    token = mintToken(f"http://{host}/{args.entity}", KEY_NAME, args.key, int(time.time()) + 3600)
+    token = common.sasToken(args.port, args.key, args.entity)
     return f"ws://{host}/$hc/{args.entity}?sb-hc-action={action}&sb-hc-token={quote(token, safe='')}"
 
 
@@ -322,34 +319,18 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, required=True)
     args = parser.parse_args()
 
-    from twisted.internet import reactor, stdio
-    from twisted.internet.task import LoopingCall
-    from twisted.protocols.basic import LineReceiver
+    from twisted.internet import reactor
 
     opener = runTransit(args, reactor) if args.mode.startswith("transit") else runRelaynet(args, reactor)
 
-    class Commands(LineReceiver):
-        delimiter = b"\n"
+    def command(line: str) -> None:
+        verb, _, count = line.partition(" ")
+        if verb == "TARGET":
+            opener.raiseTo(int(count))
 
-        def lineReceived(self, line: bytes) -> None:
-            verb, _, count = line.decode("ascii").strip().partition(" ")
-            if verb == "TARGET":
-                opener.raiseTo(int(count))
-
-        def connectionLost(self, reason: Any = None) -> None:
-            os._exit(0)  # the orchestrator closed our stdin: done
-
-    parent = os.getppid()
-
-    def watchdog() -> None:
-        if time.time() > args.deadline:
-            sys.stderr.write(f"idle_client {os.getpid()}: deadline passed\n")
-            os._exit(EXIT_DEADLINE)
-        if os.getppid() != parent:
-            os._exit(EXIT_ERROR)
-
-    stdio.StandardIO(Commands())
-    LoopingCall(watchdog).start(0.5)
+    # The orchestrator closing our stdin means we are done.
+    onStdinLine(command, onClose=lambda: os._exit(0))
+    watchdog(reactor, args.deadline)
     # Without Twisted's handlers, SIGTERM ends the process at once instead
     # of closing every connection (which would read as lost connections).
     reactor.run(installSignalHandlers=False)
