@@ -29,11 +29,11 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from relaynet.protocols.native import UPGRADE
 from relaynet.streams import ConnectTimeoutError, RelayAddress, RelayConnectError, RejectedError, refusal
 
 __all__ = ["NativeStream", "UPGRADE", "nativeRequest", "oneShotFactory", "swapProtocol"]
 
-UPGRADE = "relaynet-stream"
 #: The most a handshake answer's head, and an error's body, may be.
 MAX_HEAD = 16 * 1024
 MAX_ERROR_BODY = 64 * 1024

@@ -93,6 +93,7 @@ class _Refusal(RelayError):
         self.status = status
 
 
+# What a native side is joined to: another native side, or a WebSocket leg.
 End = Union["RawEnd", "BridgeLeg"]
 
 
@@ -312,8 +313,9 @@ class NativeParty:
         self.streams = streams
         self.gone = False
         self.done = False
-        request.notifyFinish().addErrback(self._left)
         self._onGone: list[Callable[[], None]] = []
+        # Fails at once if the client is already gone.
+        request.notifyFinish().addErrback(self._left)
 
     def _left(self, failure: Failure) -> None:
         self.gone = True
@@ -323,9 +325,13 @@ class NativeParty:
 
     def whenGone(self, callback: Callable[[], None]) -> None:
         """
-        Call C{callback} if the client leaves before the upgrade.
+        Call C{callback} if the client leaves before the upgrade (at once
+        if it has left already).
         """
-        self._onGone.append(callback)
+        if self.gone:
+            callback()
+        else:
+            self._onGone.append(callback)
 
     def refuse(self, error: RelayError) -> None:
         """

@@ -487,3 +487,25 @@ class FootprintTests(TestCase):
             self.assertEqual((proto.info.headers, proto.info.query), ([], {}))
             self.assertNotIn("send_queue", proto.__dict__)
             self.assertNotIn("trafficStats", proto.__dict__)
+
+
+class NativePartyTests(TestCase):
+    """
+    L{NativeParty} with a request whose client is already gone.
+    """
+
+    def test_clientAlreadyGone(self) -> None:
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionLost
+
+        from relaynet.protocols.native import NativeParty
+
+        class GoneRequest:
+            def notifyFinish(self) -> Deferred[None]:
+                return fail(ConnectionLost())
+
+        party = NativeParty(GoneRequest(), None, set())  # type: ignore[arg-type]
+        self.assertTrue(party.gone)
+        called: list[bool] = []
+        party.whenGone(lambda: called.append(True))
+        self.assertEqual(called, [True])
