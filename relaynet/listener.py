@@ -87,6 +87,7 @@ from zope.interface import implementer
 from relaynet.auth import SasToken
 from relaynet.protocols.websocket import ClockTimer, DirectIO, cancelTimers, stripRelayParameters
 from relaynet.streams import (
+    CloseWaiters,
     RelayAddress,
     RelayConnectError,
     StreamWebSocket,
@@ -748,7 +749,7 @@ class RelayedHttpRequest:
         self.finish()
 
 
-class _Client(DirectIO, WebSocketClientProtocol):  # type: ignore[misc]
+class _Client(CloseWaiters, DirectIO, WebSocketClientProtocol):  # type: ignore[misc]
     """
     What the control channel and rendezvous sockets share: L{Deferred}s for
     the handshake and the end, a refused handshake's status, and a drop timer
@@ -764,13 +765,6 @@ class _Client(DirectIO, WebSocketClientProtocol):  # type: ignore[misc]
         self.isClosed = False
         self._refusal: str | None = None
         self._dropCall: IDelayedCall | None = None
-
-    def whenClosed(self) -> Deferred[None]:
-        if self.isClosed:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closedWaiters.append(d)
-        return d
 
     def failHandshake(self, reason: str) -> None:
         self._refusal = reason
@@ -791,10 +785,7 @@ class _Client(DirectIO, WebSocketClientProtocol):  # type: ignore[misc]
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:
             self.opened.errback(self._refused(reason))
-        self.isClosed = True
-        waiters, self._closedWaiters = self._closedWaiters, []
-        for d in waiters:
-            d.callback(None)
+        self._fireClosed()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancelTimers(self, "_dropCall")
@@ -920,7 +911,7 @@ class _RejectSocket(_Client):
         self.listener._rendezvousClosed(self)
 
 
-class _AcceptedStream(StreamWebSocket):
+class _AcceptedStream(CloseWaiters, StreamWebSocket):  # type: ignore[misc]
     """
     An accepted sender's stream, which the listener keeps until it closes.
     """
@@ -932,22 +923,12 @@ class _AcceptedStream(StreamWebSocket):
         self.isClosed = False
         self._closedWaiters: list[Deferred[None]] = []
 
-    def whenClosed(self) -> Deferred[None]:
-        if self.isClosed:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closedWaiters.append(d)
-        return d
-
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
             super().onClose(wasClean, code, reason)
         finally:
-            self.isClosed = True
             self.listener._streams.discard(self)
-            waiters, self._closedWaiters = self._closedWaiters, []
-            for d in waiters:
-                d.callback(None)
+            self._fireClosed()
 
 
 class AcceptRequest:
@@ -1385,7 +1366,7 @@ class HybridListener:
     def _endpoint(self, url: str) -> IStreamClientEndpoint:
         return relayEndpoint(self.reactor, url, self._trustRoot, CONNECT_TIMEOUT)
 
-    async def _connect(self, url: str, factory: WebSocketClientFactory) -> None:
+    async def _connect(self, url: str, factory: IProtocolFactory) -> None:
         connecting = self._endpoint(url).connect(factory)
         self._connecting.add(connecting)
         try:
@@ -1476,39 +1457,27 @@ class HybridListener:
     async def _acceptStream(self, request: AcceptRequest) -> None:
         host = RelayAddress(self.baseUrl, self.entity)
         peer = RelayAddress(self.baseUrl, self.entity, request.remote)
+        stream: _AcceptedStream | NativeStream
+        factory: IProtocolFactory
         if self._native:
-            await self._acceptNative(request, host, peer)
-            return
-        proto = _AcceptedStream(self, host, peer)
-        protocols = request.subprotocols[:1]
-        factory = makeStreamFactory(request.address, proto, self.reactor, None, protocols, RENDEZVOUS_TIMEOUT)
-        self._streams.add(proto)
+            assert self._streamFactory is not None
+            native = stream = NativeStream(
+                self._streamFactory, nativeRequest(request.address, {}), host, peer, self.reactor, RENDEZVOUS_TIMEOUT
+            )
+            native.whenClosed().addCallback(lambda _: self._streams.discard(native))
+            factory = oneShotFactory(native)
+        else:
+            stream = _AcceptedStream(self, host, peer)
+            protocols = request.subprotocols[:1]
+            factory = makeStreamFactory(request.address, stream, self.reactor, None, protocols, RENDEZVOUS_TIMEOUT)
+        self._streams.add(stream)
         try:
             await self._connect(request.address, factory)
         except BaseException:
-            self._streams.discard(proto)
-            raise
-        await proto.opened
-        log.debug("accepted sender {id}", id=request.id)
-
-    async def _acceptNative(self, request: AcceptRequest, host: RelayAddress, peer: RelayAddress) -> None:
-        assert self._streamFactory is not None
-        stream = NativeStream(
-            self._streamFactory, nativeRequest(request.address, {}), host, peer, self.reactor, RENDEZVOUS_TIMEOUT
-        )
-        self._streams.add(stream)
-        stream.whenClosed().addCallback(lambda _: self._streams.discard(stream))
-        connecting = self._endpoint(request.address).connect(oneShotFactory(stream))
-        self._connecting.add(connecting)
-        try:
-            await connecting
-        except BaseException:
             self._streams.discard(stream)
             raise
-        finally:
-            self._connecting.discard(connecting)
         await stream.opened
-        log.debug("accepted sender {id} natively", id=request.id)
+        log.debug("accepted sender {id}{how}", id=request.id, how=" natively" if self._native else "")
 
     async def _reject(self, request: AcceptRequest, status: int, reason: str) -> None:
         joiner = "&" if "?" in request.address else "?"

@@ -18,6 +18,7 @@ upgrade with an error.
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -30,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from relaynet.protocols.native import UPGRADE
-from relaynet.streams import ConnectTimeoutError, RelayAddress, RelayConnectError, RejectedError, refusal
+from relaynet.streams import CloseWaiters, ConnectTimeoutError, RelayAddress, RelayConnectError, RejectedError, refusal
 
 __all__ = ["NativeStream", "UPGRADE", "nativeRequest", "oneShotFactory", "swapProtocol"]
 
@@ -109,7 +110,7 @@ class _AddressedTransport:
         return getattr(self._transport, name)
 
 
-class NativeStream(Protocol):
+class NativeStream(CloseWaiters, Protocol):
     """
     Asks the relay for a native stream, then gives the connection to a
     protocol from C{userFactory}.
@@ -135,7 +136,6 @@ class NativeStream(Protocol):
         self.timeout = timeout
         self.user: IProtocol | None = None
         self.opened: Deferred[Any] = Deferred(lambda d: self._abort())
-        self.isClosed = False
         self._closedWaiters: list[Deferred[None]] = []
         self._buffer = b""
         self._status: int | None = None
@@ -221,8 +221,6 @@ class NativeStream(Protocol):
             user.dataReceived(rest)
 
     def _refused(self) -> None:
-        import json
-
         reason = self._reason
         try:
             error = json.loads(self._buffer)["error"]
@@ -261,23 +259,9 @@ class NativeStream(Protocol):
                 self._refused()
             else:
                 self.opened.errback(RelayConnectError(0, "The relay closed the connection during the upgrade."))
-        self._closed()
+        self._fireClosed()
 
-    def _closed(self) -> None:
-        self.isClosed = True
-        waiters, self._closedWaiters = self._closedWaiters, []
-        for d in waiters:
-            d.callback(None)
-
-    # For a listener that keeps its streams.
-
-    def whenClosed(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self.isClosed:
-            d.callback(None)
-        else:
-            self._closedWaiters.append(d)
-        return d
+    # For a listener that keeps its streams: whenClosed (CloseWaiters), and
 
     def closeStream(self) -> None:
         if self.transport is not None:
@@ -301,7 +285,7 @@ class _Watched:
         try:
             self._user.connectionLost(reason)
         finally:
-            self._stream._closed()
+            self._stream._fireClosed()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._user, name)

@@ -21,7 +21,7 @@ from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
@@ -331,6 +331,34 @@ class _StreamTransport:
 
     def whenWritable(self) -> Deferred[None]:
         return self._valve.whenWritable()
+
+
+class CloseWaiters:
+    """
+    For a connection someone may wait on until it closes (a listener waits
+    for all of its own): C{isClosed}, and the L{Deferred}s of
+    L{whenClosed}.  Its C{__init__} sets C{_closedWaiters}
+    to an empty list.
+    """
+
+    isClosed = False
+    _closedWaiters: list[Deferred[None]]
+
+    def whenClosed(self) -> Deferred[None]:
+        if self.isClosed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closedWaiters.append(d)
+        return d
+
+    def _fireClosed(self) -> None:
+        """
+        The connection has closed: fire every waiter.
+        """
+        self.isClosed = True
+        waiters, self._closedWaiters = self._closedWaiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 class StreamWebSocket(DirectIO, WebSocketClientProtocol):  # type: ignore[misc]

@@ -39,10 +39,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Union
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -52,13 +52,13 @@ from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, RelayError
 from relaynet.protocols import zerocopy
-from relaynet.protocols.splice import CLOSING, OPEN, ReadSide
+from relaynet.protocols.splice import CLOSING, OPEN, splice
 from relaynet.registry import newConnectionId
 
 if TYPE_CHECKING:
     from relaynet.protocols.websocket import HybridConnectionFactory, HybridConnectionProtocol
 
-__all__ = ["UPGRADE", "BridgeLeg", "NativeParty", "NativeSender", "RawEnd", "isNativeUpgrade", "joinBridge"]
+__all__ = ["UPGRADE", "BridgeLeg", "NativeParty", "NativeSender", "RawEnd", "isNativeUpgrade"]
 
 log = Logger()
 
@@ -143,15 +143,7 @@ class RawEnd(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.streams.discard(self)
-        partner, self.partner = self.partner, None
-        if partner is None:
-            return
-        partner.partner = None
-        partner.transport.unregisterProducer()  # type: ignore[union-attr]
-        if reason.check(ConnectionDone):
-            partner.finish()
-        else:
-            partner.abort()
+        _gone(self, clean=reason.check(ConnectionDone) is not None)
 
     # What the partner does to this side.
 
@@ -231,15 +223,7 @@ class BridgeLeg:
         return False
 
     def lost(self) -> None:
-        partner, self.partner = self.partner, None
-        if partner is None:
-            return
-        partner.partner = None
-        partner.transport.unregisterProducer()  # type: ignore[union-attr]
-        if self.proto.wasClean:
-            partner.finish()
-        else:
-            partner.abort()
+        _gone(self, clean=bool(self.proto.wasClean))
 
     # What the partner does to this side.
 
@@ -269,6 +253,23 @@ class BridgeLeg:
         self.proto.dropConnection(abort=True)
 
 
+def _gone(end: End, clean: bool) -> None:
+    """
+    C{end}'s connection is gone: its partner ends too, as a close if this
+    one ended cleanly, else as a reset.
+    """
+    partner, end.partner = end.partner, None
+    if partner is None:
+        return
+    partner.partner = None
+    transport: Any = partner.transport
+    transport.unregisterProducer()
+    if clean:
+        partner.finish()
+    else:
+        partner.abort()
+
+
 def _release(transport: Any) -> None:
     """
     Nothing more will be written to C{transport}: unregister the other
@@ -279,25 +280,6 @@ def _release(transport: Any) -> None:
     if producer is not None:
         transport.unregisterProducer()
         producer.resumeProducing()
-
-
-def _link(a: End, b: End) -> None:
-    """
-    Join two open ends: each passes what it reads to the other, and stops
-    reading while the other's send buffer is full.
-    """
-    a.partner, b.partner = b, a
-    ta: Any = a.transport
-    tb: Any = b.transport
-    ta.registerProducer(ReadSide(tb), True)
-    tb.registerProducer(ReadSide(ta), True)
-
-
-def joinBridge(bridge: BridgeLeg, raw: RawEnd) -> None:
-    """
-    Join a WebSocket leg and a native one.
-    """
-    _link(bridge, raw)
 
 
 class NativeParty:
@@ -404,15 +386,15 @@ class NativeSender:
             return
         if isinstance(listener, HybridConnectionProtocol):
             listener.role = bridge = BridgeLeg(listener)
-            joinBridge(bridge, self.party.takeOver())
+            splice(bridge, self.party.takeOver())
         elif self.party.plainTcp and listener.plainTcp and zerocopy.available(self.relay.clock):
             sender = self.party.takeOver(greet=False)
             receiver = listener.takeOver(greet=False)
-            splice = zerocopy.KernelSplice(self.relay.clock, sender.transport, receiver.transport, SWITCHING, SWITCHING)
-            sender.splice = receiver.splice = splice
-            splice.start()
+            kernel = zerocopy.KernelSplice(self.relay.clock, sender.transport, receiver.transport, SWITCHING, SWITCHING)
+            sender.splice = receiver.splice = kernel
+            kernel.start()
         else:
-            _link(self.party.takeOver(), listener.takeOver())
+            splice(self.party.takeOver(), listener.takeOver())
 
 
 class NativeUpgrade:
@@ -428,16 +410,12 @@ class NativeUpgrade:
         self.party = NativeParty(request, info, factory.nativeStreams)
 
     def start(self) -> None:
-        from twisted.internet.defer import Deferred
-
         Deferred.fromCoroutine(self._run())
 
     async def _run(self) -> None:
         throttle = self.factory.throttle
         info = self.info
-        delay = throttle.delay(info.peerHost)
-        if delay:
-            await deferLater(self.relay.clock, delay, lambda: None)
+        await throttle.hold(info.peerHost)
         action = info.query.get("sb-hc-action", "connect")
         try:
             if action == "connect":
@@ -447,31 +425,21 @@ class NativeUpgrade:
             else:
                 raise BadRequest(f"A native stream is for 'connect' and 'accept', not '{action}'.")
         except RelayError as e:
-            throttle.failed(info.peerHost)
-            log.info(
-                "refused native {action} on {path} from {peer}: {error}",
-                action=action,
-                path=info.path,
-                peer=info.peerHost,
-                error=str(e),
-            )
+            throttle.refused(info, e, f"native {action}")
             self.party.refuse(e)
         except Exception:
             log.failure("internal error on native {path}", path=info.path)
             self.party.refuse(RelayError("Internal server error."))
 
     async def _sender(self) -> None:
-        from relaynet.protocols.websocket import MAX_ID_LENGTH, offerSender
+        from relaynet.protocols.websocket import clientId, offerSender
 
         relay, info = self.relay, self.info
         entity, suffix = relay.namespace.resolve(info.path)
         relay.authorize(info, entity, Rights.SEND)
         if entity.kind == "event":
             raise BadRequest("Events are published over HTTP or a WebSocket, not a native stream.")
-        clientId = info.query.get("sb-hc-id")
-        if clientId is not None and len(clientId) > MAX_ID_LENGTH:
-            raise BadRequest(f"sb-hc-id is longer than {MAX_ID_LENGTH} characters.")
-        rendezvousId = newConnectionId(clientId)
+        rendezvousId = newConnectionId(clientId(info))
         pending = NativeSender(relay, self.party)
         # A sender that leaves while its listener decides frees its place.
         self.party.whenGone(lambda: relay.rendezvous.take(rendezvousId))

@@ -72,6 +72,10 @@ class Leg:
         # as one frame.
         self._whole: list[bytes] | None = None
 
+    @property
+    def transport(self) -> Any:
+        return self.proto.transport
+
     def _target(self) -> HybridConnectionProtocol | None:
         if self.partner is not None and self.partner.proto.state == OPEN:
             return self.partner.proto
@@ -156,13 +160,14 @@ class Leg:
             # paused it.
             transport.resumeProducing()
 
-def splice(a: Leg, b: Leg) -> None:
+def splice(a: Any, b: Any) -> None:
     """
-    Join two open legs: each passes its frames to the other, and each stops
-    reading while the other cannot write.
+    Join two open sides (WebSocket L{Leg}s, or the native ends of
+    L{relaynet.protocols.native}): each passes what it reads to the other,
+    and each stops reading while the other cannot write.
     """
     a.partner, b.partner = b, a
-    ta: Any = a.proto.transport
-    tb: Any = b.proto.transport
+    ta: Any = a.transport
+    tb: Any = b.transport
     ta.registerProducer(ReadSide(tb), True)
     tb.registerProducer(ReadSide(ta), True)

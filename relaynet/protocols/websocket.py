@@ -34,13 +34,13 @@ from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
+from relaynet.protocols.native import BridgeLeg, NativeParty, NativeUpgrade, isNativeUpgrade
 from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
 from relaynet.registry import IListenerChannel, newConnectionId
 
 if TYPE_CHECKING:
     from relaynet.entities import Entity
-    from relaynet.protocols.native import NativeParty
 
 __all__ = ["ClockTimer", "DirectIO", "cancelTimers", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
 
@@ -129,12 +129,10 @@ class PendingSender:
             else:
                 listener.dropConnection(abort=True)
         else:
-            from relaynet.protocols.native import BridgeLeg, joinBridge
-
             sender.role = bridge = BridgeLeg(sender)
             self.result.callback(None)
             if sender.state == sender.STATE_OPEN:
-                joinBridge(bridge, listener.takeOver())
+                splice(bridge, listener.takeOver())
             else:
                 listener.refuse(BadGateway("The sender left before the rendezvous."))
 
@@ -206,6 +204,18 @@ def _connectHeaders(info: HandshakeInfo) -> dict[str, str]:
         name = _SPELLING.get(name.lower(), name)
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return headers
+
+
+def clientId(info: HandshakeInfo) -> str | None:
+    """
+    The client's own C{sb-hc-id}, if it gave one.
+
+    @raise BadRequest: it is too long.
+    """
+    given = info.query.get("sb-hc-id")
+    if given is not None and len(given) > MAX_ID_LENGTH:
+        raise BadRequest(f"sb-hc-id is longer than {MAX_ID_LENGTH} characters.")
+    return given
 
 
 def takePending(relay: Relay, info: HandshakeInfo) -> Pending:
@@ -301,14 +311,9 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
         return Deferred.fromCoroutine(self._connect(request))
 
     async def _connect(self, request: ConnectionRequest) -> Any:
-        throttle = self.factory.throttle
-        delay = throttle.delay(self.info.peerHost)
-        if delay:
-            # A client that keeps failing (hyco-ws reconnects at once, twice
-            # per failure) waits before its next answer.
-            await deferLater(self.relay.clock, delay, lambda: None)
+        await self.factory.throttle.hold(self.info.peerHost)
+        action = self.info.query.get("sb-hc-action", "connect")
         try:
-            action = self.info.query.get("sb-hc-action", "connect")
             if action == "listen":
                 return await self._listen()
             if action == "connect":
@@ -319,14 +324,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
                 return self._request()
             raise BadRequest(f"Unsupported action '{action}'.")
         except RelayError as e:
-            throttle.failed(self.info.peerHost)
-            log.info(
-                "refused {action} on {path} from {peer}: {error}",
-                action=self.info.query.get("sb-hc-action", "connect"),
-                path=self.info.path,
-                peer=self.info.peerHost,
-                error=str(e),
-            )
+            self.factory.throttle.refused(self.info, e, action)
             raise _deny(e) from None
         except ConnectionDeny:
             raise
@@ -335,10 +333,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
             raise ConnectionDeny(500, "Internal server error.") from None
 
     def _clientId(self) -> str | None:
-        clientId = self.info.query.get("sb-hc-id")
-        if clientId is not None and len(clientId) > MAX_ID_LENGTH:
-            raise BadRequest(f"sb-hc-id is longer than {MAX_ID_LENGTH} characters.")
-        return clientId
+        return clientId(self.info)
 
     async def _listen(self) -> None:
         relay = self.relay
@@ -596,6 +591,28 @@ class FailureThrottle:
         times = self._recent(peer)
         return self._delay if times is not None and len(times) > self._allowed else 0.0
 
+    async def hold(self, peer: str) -> None:
+        """
+        Wait before answering C{peer}, if it keeps being refused (hyco-ws
+        reconnects at once, twice per failure).
+        """
+        delay = self.delay(peer)
+        if delay:
+            await deferLater(self._clock, delay, lambda: None)
+
+    def refused(self, info: HandshakeInfo, error: RelayError, what: str) -> None:
+        """
+        Count and log the refusal of C{what} (an action) to C{info}'s client.
+        """
+        self.failed(info.peerHost)
+        log.info(
+            "refused {what} on {path} from {peer}: {error}",
+            what=what,
+            path=info.path,
+            peer=info.peerHost,
+            error=str(error),
+        )
+
 
 class HybridConnectionFactory(WebSocketServerFactory):
     protocol = HybridConnectionProtocol  # type: ignore[assignment]
@@ -649,7 +666,6 @@ class HybridConnectionResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         from relaynet.frontdoor import errorResponse
-        from relaynet.protocols.native import NativeUpgrade, isNativeUpgrade
 
         host = request.getHeader("host") or ""
         native = isNativeUpgrade(request)
