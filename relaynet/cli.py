@@ -75,6 +75,7 @@ from relaynet.streams import (
     connectStream,
     resourceUri,
 )
+from relaynet.tap import positiveNumber
 from relaynet.tokens import TokenProvider, fixedToken, fromKey
 
 __all__ = ["main", "run", "RelayOptions", "parseConnectionString", "relayUrl", "parseHostPort"]
@@ -182,17 +183,6 @@ def _readSecret(path: str, what: str) -> str:
     if not text:
         raise usage.UsageError(f"the {what} file {path} is empty")
     return text
-
-
-def _positiveNumber(kind: type) -> Callable[[str], Any]:
-    def coerce(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise ValueError(f"{text} is not a positive number")
-        return value
-
-    coerce.coerceDoc = "Must be positive."  # type: ignore[attr-defined]
-    return coerce
 
 
 @dataclass(frozen=True)
@@ -380,7 +370,7 @@ class TokenOptions(RelayOptions):
         "Print a SAS token for the entity (for the whole namespace without --entity), "
         f"signed with the key from --key-file or ${ENV_KEY}."
     )
-    optParameters: list[list[Any]] = [["ttl", None, DEFAULT_TTL, "Seconds the token is valid.", _positiveNumber(int)]]
+    optParameters: list[list[Any]] = [["ttl", None, DEFAULT_TTL, "Seconds the token is valid.", positiveNumber(int)]]
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -403,7 +393,7 @@ class ForwardOptions(RelayOptions):
     optParameters: list[list[Any]] = [
         ["local", "l", None, "[HOST:]PORT to listen on; HOST defaults to 127.0.0.1."],
         ["target", "t", None, "With --serve: HOST:PORT to connect each relayed connection to."],
-        ["timeout", None, CONNECT_TIMEOUT, "Seconds to wait for the relay and a listener.", _positiveNumber(float)],
+        ["timeout", None, CONNECT_TIMEOUT, "Seconds to wait for the relay and a listener.", positiveNumber(float)],
     ]
 
     local: tuple[str, int]
@@ -463,7 +453,7 @@ class ConnectOptions(_StdioOptions):
         "standard input and output."
     )
     optParameters: list[list[Any]] = [
-        ["timeout", None, CONNECT_TIMEOUT, "Seconds to wait for the relay and a listener.", _positiveNumber(float)],
+        ["timeout", None, CONNECT_TIMEOUT, "Seconds to wait for the relay and a listener.", positiveNumber(float)],
     ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService
@@ -36,7 +37,11 @@ _SETTINGS = [
 ]
 
 
-def _positive(kind: type) -> Any:
+def positiveNumber(kind: type) -> Callable[[str], Any]:
+    """
+    A C{usage.Options} coercer to a positive C{kind} (C{int} or C{float}).
+    """
+
     def coerce(text: str) -> Any:
         value = kind(text)
         if value <= 0:
@@ -73,10 +78,10 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "A TOML file with the same settings as these options."],
         ["data-dir", "d", None, "Directory for the relay's own files (default: relaynet-data)."],
-        ["max-listeners", None, None, "Listeners per entity (default: 25)", _positive(int)],
-        ["max-subscribers", None, None, "Subscribers per event entity (default: 10000)", _positive(int)],
+        ["max-listeners", None, None, "Listeners per entity (default: 25)", positiveNumber(int)],
+        ["max-subscribers", None, None, "Subscribers per event entity (default: 10000)", positiveNumber(int)],
     ] + [
-        [name, None, None, f"{doc} (default: {getattr(RelaySettings, attr)})", _positive(kind)]
+        [name, None, None, f"{doc} (default: {getattr(RelaySettings, attr)})", positiveNumber(kind)]
         for name, attr, kind, doc in _SETTINGS
     ]
 

@@ -1,6 +1,13 @@
 """
 Helpers for the loopback tests: a relay on 127.0.0.1 with port 0, a
 throwaway certificate, and WebSocket clients made with autobahn.
+
+Also what the unit tests that speak WebSocket by hand share: a fake TCP
+transport (L{FakeTcp}), a producer and a request handler that note what
+they are given (L{RecordingProducer}, L{Recorder}), and frame parsing
+(L{parseFrames}, L{reassemble}, L{headerValue}); and, for the interop
+tests, the Node harness scripts' runner (L{NodeScript}, L{requireNode},
+L{spawnNode}).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import ipaddress
 import json
 import os
 import re
+import shutil
+import signal
 from typing import Any
 from urllib.parse import quote
 
@@ -19,14 +28,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from relaynet.auth import mintToken
+from relaynet.listener import RelayedHttpRequest
 from relaynet.protocols.websocket import ClockTimer
 from relaynet.service import RelayService
 from relaynet.tap import Options
@@ -34,6 +50,142 @@ from relaynet.tap import Options
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="
 _STATUS = re.compile(r"upgrade failed \[(\d{3})\]: (.*)\"\)$")
+
+
+class FakeTcp(StringTransport):
+    """
+    A L{StringTransport} that ends like a TCP connection: the protocol hears
+    of it on the next turn of the clock.  Like a TCP transport it lets a
+    protocol unregister a producer it never registered.
+
+    @ivar aborted: the connection was aborted.
+    @cvar closedReason: why the connection ended when it was closed.
+    @cvar vanishedReason: why it ended when L{connectionGone} is told none.
+    """
+
+    aborted = False
+    closedReason = "closed by the relay"
+    vanishedReason = "the peer vanished"
+
+    def __init__(self, clock: IReactorTime, peer: tuple[str, int]) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", *peer), lenient=True)
+        self.clock = clock
+        self.protocol: Any = None
+        self._ending = False
+
+    def loseConnection(self) -> None:
+        self._end(ConnectionDone(self.closedReason))
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self._end(ConnectionAborted())
+
+    def _end(self, reason: Exception) -> None:
+        self.disconnecting = True
+        if not self._ending:
+            self._ending = True
+            self.clock.callLater(0, self.connectionGone, reason)
+
+    def connectionGone(self, reason: Exception | None = None) -> None:
+        """
+        Tell the protocol the connection is gone (now, if the peer vanished).
+        """
+        if self.connected:
+            self.connected = False
+            self.protocol.connectionLost(Failure(reason or ConnectionLost(self.vanishedReason)))
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    """
+    A streaming producer that notes what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
+class Recorder:
+    """
+    A listener's request handler that keeps its requests for the test to
+    answer.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RelayedHttpRequest] = []
+
+    def handleRequest(self, request: RelayedHttpRequest) -> None:
+        self.requests.append(request)
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    key = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+
+
+def parseFrames(data: bytes) -> list[tuple[bool, int, bytes]]:
+    """
+    Split what one end of a WebSocket wrote into (fin, opcode, payload)
+    frames, unmasked.
+    """
+    frames = []
+    while data:
+        fin, opcode = bool(data[0] & 0x80), data[0] & 0x0F
+        masked, length, at = data[1] & 0x80, data[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        mask = b""
+        if masked:
+            mask, at = data[at : at + 4], at + 4
+        payload = data[at : at + length]
+        frames.append((fin, opcode, _unmask(payload, mask) if mask else payload))
+        data = data[at + length :]
+    return frames
+
+
+def reassemble(frames: list[tuple[bool, int, bytes]]) -> list[tuple[int, bytes]]:
+    """
+    The data messages in C{frames}, reassembled: (opcode, payload).  Control
+    frames are passed over.
+    """
+    done: list[tuple[int, bytes]] = []
+    current: list[Any] | None = None
+    for fin, opcode, payload in frames:
+        if opcode >= 8:
+            continue
+        if current is None:
+            current = [opcode, b""]
+        current[1] += payload
+        if fin:
+            done.append((current[0], current[1]))
+            current = None
+    return done
+
+
+def headerValue(head: bytes, name: str) -> str | None:
+    """
+    The header C{name} (any case) in an HTTP message head, or L{None}.
+    """
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.decode("latin-1").partition(":")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    return None
 
 
 def makeCertificate(directory: str) -> tuple[str, str]:
@@ -281,3 +433,84 @@ def watchJoins(case: TestCase) -> list[str]:
 
     case.patch(NativeSender, "join", join)
     return joins
+
+
+NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
+NODE = shutil.which("node")
+
+
+class NodeScript(ProcessProtocol):
+    """
+    One of the harness scripts: its stdout lines, and its exit code.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.stderr = b""
+        self.ended: Deferred[int] = Deferred()
+        self._buffer = b""
+        self._waiting: list[tuple[str, Deferred[str]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            text = line.decode("utf-8", "replace").strip()
+            self.lines.append(text)
+            for entry in list(self._waiting):
+                if text.startswith(entry[0]):
+                    self._waiting.remove(entry)
+                    entry[1].callback(text)
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr = (self.stderr + data)[-20000:]
+
+    def processEnded(self, reason: Failure) -> None:
+        code = reason.value.exitCode if isinstance(reason.value, (ProcessDone, ProcessTerminated)) else -1
+        for prefix, d in self._waiting:
+            d.errback(AssertionError(f"script ended ({code}) before {prefix!r}: {self.stderr.decode(errors='replace')}"))
+        self._waiting = []
+        self.ended.callback(code if code is not None else -1)
+
+    def line(self, prefix: str, timeout: float = 30) -> Deferred[str]:
+        """
+        The first line (already seen or still to come) starting with
+        C{prefix}.
+        """
+        for text in self.lines:
+            if text.startswith(prefix):
+                d: Deferred[str] = Deferred()
+                d.callback(text)
+                return d
+        d = Deferred()
+        self._waiting.append((prefix, d))
+        return d.addTimeout(timeout, reactor)
+
+
+def requireNode(case: TestCase, package: str) -> None:
+    """
+    Fail C{case} unless Node and the npm C{package} the harness scripts
+    use are installed.
+    """
+    if NODE is None or not os.path.isdir(os.path.join(NODE_DIR, "node_modules", package)):
+        case.fail("the Node clients are not installed: run `make node-deps` (make test does)")
+
+
+def spawnNode(case: TestCase, script: str, *args: str) -> NodeScript:
+    """
+    Run the harness script C{script} with C{args}; it is stopped (C{TERM})
+    when C{case} ends, if it has not ended by then.
+    """
+    node = NODE
+    assert node is not None
+    proto = NodeScript()
+    argv = [node, os.path.join(NODE_DIR, script), *args]
+    process = reactor.spawnProcess(proto, node, argv, env=dict(os.environ), path=NODE_DIR)
+
+    def stop() -> Deferred[int]:
+        if not proto.ended.called:
+            process.signalProcess(signal.SIGTERM)
+        return proto.ended
+
+    case.addCleanup(stop)
+    return proto

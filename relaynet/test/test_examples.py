@@ -15,8 +15,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
-from relaynet.test.test_interop_hyco_ws import NodeScript
+from relaynet.test.support import KEY, KEY_NAME, NodeScript, RelayFixture
 from relaynet.test.test_loopback_http import Bytes
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "doc", "examples")

@@ -15,8 +15,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
-from relaynet.test.test_interop_hyco_ws import NODE, NODE_DIR, NodeScript, os
+from relaynet.test.support import KEY, KEY_NAME, NodeScript, RelayFixture, requireNode, spawnNode
 from relaynet.test.test_loopback_http import Bytes
 
 
@@ -33,22 +32,11 @@ class HycoHttpsInterop:
     timeout = 120
 
     def setUp(self) -> None:
-        if NODE is None or not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "hyco-https")):
-            self.fail("the Node clients are not installed: run `make node-deps` (make test does)")  # type: ignore[attr-defined]
+        requireNode(self, "hyco-https")  # type: ignore[arg-type]
         self.relay = RelayFixture(self, ["--entity", "web", "--request-timeout", "3"])  # type: ignore[arg-type]
 
     def spawn(self, script: str, *args: str) -> NodeScript:
-        proto = NodeScript()
-        argv = [NODE, os.path.join(NODE_DIR, script), "--deadline", "60", *args]
-        process = reactor.spawnProcess(proto, NODE, argv, env=dict(os.environ), path=NODE_DIR)
-
-        def stop() -> Any:
-            if not proto.ended.called:
-                process.signalProcess("TERM")
-            return proto.ended
-
-        self.addCleanup(stop)  # type: ignore[attr-defined]
-        return proto
+        return spawnNode(self, script, "--deadline", "60", *args)  # type: ignore[arg-type]
 
     async def listener(self) -> NodeScript:
         proto = self.spawn(

@@ -7,85 +7,29 @@ its listener and its sender, run as real processes against a relay on
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
-
-NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
-NODE = shutil.which("node")
+from relaynet.test.support import KEY, KEY_NAME, NodeScript, RelayFixture, requireNode, spawnNode
 
 
-class NodeScript(ProcessProtocol):
+class HycoWsCase(TestCase):
     """
-    One of the harness scripts: its stdout lines, and its exit code.
+    A relay with the entities C{hyco} and C{site/a}, and the C{hyco-ws}
+    Node scripts to run against it.
     """
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.stderr = b""
-        self.ended: Deferred[int] = Deferred()
-        self._buffer = b""
-        self._waiting: list[tuple[str, Deferred[str]]] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            text = line.decode("utf-8", "replace").strip()
-            self.lines.append(text)
-            for entry in list(self._waiting):
-                if text.startswith(entry[0]):
-                    self._waiting.remove(entry)
-                    entry[1].callback(text)
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr = (self.stderr + data)[-20000:]
-
-    def processEnded(self, reason: Failure) -> None:
-        code = reason.value.exitCode if isinstance(reason.value, (ProcessDone, ProcessTerminated)) else -1
-        for prefix, d in self._waiting:
-            d.errback(AssertionError(f"script ended ({code}) before {prefix!r}: {self.stderr.decode(errors='replace')}"))
-        self._waiting = []
-        self.ended.callback(code if code is not None else -1)
-
-    def line(self, prefix: str, timeout: float = 30) -> Deferred[str]:
-        """
-        The first line (already seen or still to come) starting with
-        C{prefix}.
-        """
-        for text in self.lines:
-            if text.startswith(prefix):
-                d: Deferred[str] = Deferred()
-                d.callback(text)
-                return d
-        d = Deferred()
-        self._waiting.append((prefix, d))
-        return d.addTimeout(timeout, reactor)
-
-
-class HycoWsInteropTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        if NODE is None or not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "hyco-ws")):
-            self.fail("the Node clients are not installed: run `make node-deps` (make test does)")
+        requireNode(self, "hyco-ws")
         self.relay = RelayFixture(self, ["--entity", "hyco", "--entity", "site/a"])
 
     def spawn(self, script: str, entity: str, *args: str, deadline: int = 60) -> NodeScript:
-        proto = NodeScript()
-        argv = [
-            NODE,
-            os.path.join(NODE_DIR, script),
+        return spawnNode(
+            self,
+            script,
             "--relay",
             f"ws://{self.relay.host}",
             "--entity",
@@ -97,21 +41,7 @@ class HycoWsInteropTests(TestCase):
             "--deadline",
             str(deadline),
             *args,
-        ]
-        process = reactor.spawnProcess(proto, NODE, argv, env=dict(os.environ), path=NODE_DIR)
-
-        def stop() -> Deferred[int]:
-            if not proto.ended.called:
-                process.signalProcess(signal.SIGTERM)
-            return proto.ended
-
-        self.addCleanup(stop)
-        return proto
-
-    async def listener(self, entity: str = "hyco", *args: str) -> NodeScript:
-        listener = self.spawn("hyco_ws_listener.js", entity, *args)
-        await listener.line("READY")
-        return listener
+        )
 
     async def send(self, entity: str, *args: str) -> tuple[int, list[dict[str, Any]], NodeScript]:
         sender = self.spawn("hyco_ws_sender.js", entity, *args)
@@ -123,6 +53,16 @@ class HycoWsInteropTests(TestCase):
         self.assertEqual(code, 0, f"{sender.lines} {sender.stderr.decode(errors='replace')}")
         self.assertEqual(len(results), count)
         self.assertTrue(all(r["ok"] for r in results), results)
+
+
+class HycoWsInteropTests(HycoWsCase):
+    async def listener(self, entity: str = "hyco", *args: str) -> NodeScript:
+        listener = self.spawn("hyco_ws_listener.js", entity, *args)
+        await listener.line("READY")
+        return listener
+
+    def assertAllOk(self, code: int, results: list[dict[str, Any]], sender: NodeScript, count: int) -> None:
+        super().assertAllOk(code, results, sender, count)
         self.assertEqual(sender.lines[-1], f"DONE ok={count} failed=0")
 
     async def test_binaryEcho(self) -> None:

@@ -5,7 +5,6 @@ event entity, with events published by HTTP POST.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -14,8 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
-from relaynet.test.test_interop_hyco_ws import NODE, NODE_DIR, NodeScript
+from relaynet.test.support import KEY, KEY_NAME, NodeScript, RelayFixture, requireNode, spawnNode
 from relaynet.test.test_loopback_http import Bytes
 
 SUBSCRIBERS = 3
@@ -26,22 +24,11 @@ class HycoHttpsSubscriberTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        if NODE is None or not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "hyco-https")):
-            self.fail("the Node clients are not installed: run `make node-deps` (make test does)")
+        requireNode(self, "hyco-https")
         self.relay = RelayFixture(self, ["--event", "news"])
 
     def spawn(self, script: str, *args: str) -> NodeScript:
-        proto = NodeScript()
-        argv = [NODE, os.path.join(NODE_DIR, script), "--deadline", "60", *args]
-        process = reactor.spawnProcess(proto, NODE, argv, env=dict(os.environ), path=NODE_DIR)
-
-        def stop() -> Any:
-            if not proto.ended.called:
-                process.signalProcess("TERM")
-            return proto.ended
-
-        self.addCleanup(stop)
-        return proto
+        return spawnNode(self, script, "--deadline", "60", *args)
 
     async def subscriber(self) -> NodeScript:
         proto = self.spawn(

@@ -7,20 +7,17 @@ C{hyco_ws_listener.js} echo listener, checked byte for byte.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import Factory
-from twisted.trial.unittest import TestCase
 
 from relaynet.listener import HybridListener
 from relaynet.streams import MessageProtocol, connectStream
-from relaynet.test import test_interop_hyco_ws as hycoWs
-from relaynet.test.support import KEY, KEY_NAME, RelayFixture
+from relaynet.test.support import KEY, KEY_NAME
+from relaynet.test.test_interop_hyco_ws import HycoWsCase
 from relaynet.tokens import fromKey
 
 
@@ -41,44 +38,11 @@ class Queue(MessageProtocol):
         self.received.put((payload, isBinary))
 
 
-class InteropBase(TestCase):
+class InteropBase(HycoWsCase):
     """
     A relay with the entities C{hyco} and C{site/a}, and the Node scripts
     run as in the hyco-ws interop tests.
     """
-
-    timeout = 120
-
-    def setUp(self) -> None:
-        if hycoWs.NODE is None or not os.path.isdir(os.path.join(hycoWs.NODE_DIR, "node_modules", "hyco-ws")):
-            self.fail("the Node clients are not installed: run `make node-deps` (make test does)")
-        self.relay = RelayFixture(self, ["--entity", "hyco", "--entity", "site/a"])
-
-    def spawn(self, script: str, entity: str, *args: str) -> hycoWs.NodeScript:
-        node = hycoWs.NODE
-        assert node is not None
-        proto = hycoWs.NodeScript()
-        argv = [node, os.path.join(hycoWs.NODE_DIR, script), "--relay", f"ws://{self.relay.host}", "--entity", entity,
-                "--key-name", KEY_NAME, "--key", KEY, "--deadline", "60", *args]
-        process = reactor.spawnProcess(proto, node, argv, env=dict(os.environ), path=hycoWs.NODE_DIR)
-
-        def stop() -> Deferred[int]:
-            if not proto.ended.called:
-                process.signalProcess(signal.SIGTERM)
-            return proto.ended
-
-        self.addCleanup(stop)
-        return proto
-
-    async def send(self, entity: str, *args: str) -> tuple[int, list[dict[str, Any]], hycoWs.NodeScript]:
-        sender = self.spawn("hyco_ws_sender.js", entity, *args)
-        code = await sender.ended
-        return code, [json.loads(line) for line in sender.lines if line.startswith("{")], sender
-
-    def assertAllOk(self, code: int, results: list[dict[str, Any]], sender: hycoWs.NodeScript, count: int) -> None:
-        self.assertEqual(code, 0, f"{sender.lines} {sender.stderr.decode(errors='replace')}")
-        self.assertEqual(len(results), count)
-        self.assertTrue(all(r["ok"] for r in results), results)
 
 
 class RelaynetListenerHycoSenderTests(InteropBase):

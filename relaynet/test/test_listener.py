@@ -16,7 +16,6 @@ import hashlib
 import json
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
@@ -26,11 +25,10 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
@@ -48,6 +46,7 @@ from relaynet.listener import (
     sasTokenProvider,
 )
 from relaynet.streams import RelayAddress
+from relaynet.test.support import FakeTcp, Recorder, RecordingProducer, headerValue, parseFrames, reassemble
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = "c2VjcmV0LWtleS1mb3ItbGlzdGVuZXItdGVzdHMtMTI="
@@ -103,70 +102,14 @@ def serverFrame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
     return head + payload
 
 
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    key = (mask * (len(payload) // 4 + 1))[: len(payload)]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
-
-
-def parseFrames(data: bytes) -> list[tuple[bool, int, bytes]]:
-    """
-    Split what a client wrote into (fin, opcode, payload) frames, unmasked.
-    """
-    frames = []
-    while data:
-        fin, opcode = bool(data[0] & 0x80), data[0] & 0x0F
-        masked, length, at = data[1] & 0x80, data[1] & 0x7F, 2
-        if length == 126:
-            length, at = int.from_bytes(data[2:4], "big"), 4
-        elif length == 127:
-            length, at = int.from_bytes(data[2:10], "big"), 10
-        mask = b""
-        if masked:
-            mask, at = data[at : at + 4], at + 4
-        payload = data[at : at + length]
-        frames.append((fin, opcode, _unmask(payload, mask) if mask else payload))
-        data = data[at + length :]
-    return frames
-
-
-class RelayTcp(StringTransport):
+class RelayTcp(FakeTcp):
     """
     The relay's end of a TCP connection: the listener hears that it ended on
     the next turn of the clock, as with a real one.
     """
 
-    def __init__(self, clock: MemoryReactorClock, peer: IPv4Address) -> None:
-        super().__init__(peerAddress=peer, lenient=True)
-        self.clock = clock
-        self.protocol: Any = None
-        self.aborted = False
-        self._ending = False
-
-    def unregisterProducer(self) -> None:
-        # Like a TCP transport, let a producer that was never registered go.
-        self.producer = None
-        self.streaming = None
-
-    def loseConnection(self) -> None:
-        self._end(ConnectionDone("closed by the listener"))
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self._end(ConnectionAborted())
-
-    def _end(self, reason: Exception) -> None:
-        self.disconnecting = True
-        if not self._ending:
-            self._ending = True
-            self.clock.callLater(0, self.gone, reason)
-
-    def gone(self, reason: Exception | None = None) -> None:
-        """
-        The connection is gone (now, if the relay dropped it).
-        """
-        if self.connected:
-            self.connected = False
-            self.protocol.connectionLost(Failure(reason or ConnectionLost("the relay vanished")))
+    closedReason = "closed by the listener"
+    vanishedReason = "the relay vanished"
 
 
 class RelaySide:
@@ -177,10 +120,9 @@ class RelaySide:
     """
 
     def __init__(self, clock: MemoryReactorClock, host: str, port: int, factory: Any) -> None:
-        peer = IPv4Address("TCP", host, port)
         self.clock = clock
-        self.transport = RelayTcp(clock, peer)
-        self.proto = factory.buildProtocol(peer)
+        self.transport = RelayTcp(clock, (host, port))
+        self.proto = factory.buildProtocol(self.transport.getPeer())
         self.transport.protocol = self.proto
         self.proto.makeConnection(self.transport)
 
@@ -193,11 +135,7 @@ class RelaySide:
         return self._split()[0].split(b"\r\n", 1)[0].decode("latin-1")
 
     def header(self, name: str) -> str | None:
-        for line in self._split()[0].split(b"\r\n")[1:]:
-            key, _, value = line.decode("latin-1").partition(":")
-            if key.strip().lower() == name.lower():
-                return value.strip()
-        return None
+        return headerValue(self._split()[0], name)
 
     def handshake(self, status: int = 101, reason: str = "Switching Protocols", protocol: str | None = None) -> None:
         if status == 101:
@@ -221,16 +159,7 @@ class RelaySide:
         """
         The data messages written, reassembled: (opcode, payload).
         """
-        done: list[tuple[int, bytes]] = []
-        current: list[Any] | None = None
-        for fin, opcode, payload in self.dataFrames():
-            if current is None:
-                current = [opcode, b""]
-            current[1] += payload
-            if fin:
-                done.append((current[0], current[1]))
-                current = None
-        return done
+        return reassemble(self.frames())
 
     def commands(self) -> list[dict[str, Any]]:
         return [json.loads(payload) for opcode, payload in self.messages() if opcode == TEXT]
@@ -249,22 +178,10 @@ class RelaySide:
         Answer the listener's close and drop the connection, as a relay does.
         """
         self.send(CLOSE, code.to_bytes(2, "big"))
-        self.transport.gone(ConnectionDone("closed by the relay"))
+        self.transport.connectionGone(ConnectionDone("closed by the relay"))
 
     def drop(self) -> None:
-        self.transport.gone(ConnectionLost("the relay vanished"))
-
-
-class Recorder:
-    """
-    A handler that keeps its requests for the test to answer.
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[RelayedHttpRequest] = []
-
-    def handleRequest(self, request: RelayedHttpRequest) -> None:
-        self.requests.append(request)
+        self.transport.connectionGone(ConnectionLost("the relay vanished"))
 
 
 class Responder(Recorder):
@@ -351,23 +268,21 @@ class Chunks(Protocol):
         self.ended = reason
 
 
-@implementer(IPushProducer)
-class PushProducer:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.events.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.events.append("resume")
-
-    def stopProducing(self) -> None:
-        self.events.append("stop")
-
-
 def response(side: RelaySide, index: int = 0) -> dict[str, Any]:
     return side.commands()[index]["response"]
+
+
+def assertCloseWaitsFor(case: SynchronousTestCase, h: Harness, control: RelaySide, other: RelaySide) -> None:
+    """
+    C{close()} closes C{other} with 1000 too, and fires only once the relay
+    has answered the close on C{control} and then on C{other}.
+    """
+    closing = h.listener.close()
+    case.assertEqual(other.closes(), [1000])
+    control.answerClose()
+    case.assertNoResult(closing)
+    other.answerClose()
+    case.successResultOf(closing)
 
 
 class ListenTests(SynchronousTestCase):
@@ -456,13 +371,7 @@ class ListenTests(SynchronousTestCase):
         h = Harness()
         control = h.listen()
         control.sendJson({"request": {"address": address("r9"), "id": "r9"}})
-        rendezvous = h.rendezvous()
-        closing = h.listener.close()
-        self.assertEqual(rendezvous.closes(), [1000])
-        control.answerClose()
-        self.assertNoResult(closing)
-        rendezvous.answerClose()
-        self.successResultOf(closing)
+        assertCloseWaitsFor(self, h, control, h.rendezvous())
 
     def test_closeAfterRelayDropped(self) -> None:
         h = Harness()
@@ -892,7 +801,7 @@ class LargeResponseTests(SynchronousTestCase):
         socket's send buffer is full.
         """
         h, control, request = self.request()
-        producer = PushProducer()
+        producer = RecordingProducer()
         request.registerProducer(producer, True)
         request.respond(200)
         request.write(b"x" * 70000)
@@ -913,10 +822,10 @@ class LargeResponseTests(SynchronousTestCase):
         h, control, request = self.request()
         request.respond(200)
         request.write(b"x" * 70000)
-        producer = PushProducer()
+        producer = RecordingProducer()
         request.registerProducer(producer, True)
         self.assertEqual(producer.events, ["pause"])
-        self.assertRaises(RuntimeError, request.registerProducer, PushProducer(), True)
+        self.assertRaises(RuntimeError, request.registerProducer, RecordingProducer(), True)
 
     def test_pullProducer(self) -> None:
         """
@@ -962,7 +871,7 @@ class LargeResponseTests(SynchronousTestCase):
         response: the writer is stopped and C{notifyFinish} fails.
         """
         h, control, request = self.request()
-        producer = PushProducer()
+        producer = RecordingProducer()
         request.registerProducer(producer, True)
         request.respond(200)
         request.write(b"x" * 70000)
@@ -1270,6 +1179,18 @@ class StatusHarness(Harness):
     def attempts(self) -> int:
         return len(self.reactor.tcpClients)
 
+    def reconnectAfterRefusal(self) -> None:
+        """
+        Listen, lose the control channel, have the first retry refused
+        (503) and the next one, after the 1.5 s back-off, answered.
+        """
+        self.listen().drop()
+        self.settle()
+        self.connection().handshake(503, "Busy")
+        self.settle()
+        self.reactor.advance(1.5)
+        self.connection().handshake()
+
 
 class ReconnectTests(SynchronousTestCase):
     """
@@ -1316,7 +1237,7 @@ class ReconnectTests(SynchronousTestCase):
             h = StatusHarness()
             control = h.listen()
             control.send(CLOSE, code.to_bytes(2, "big") + b"NameRenewalFailed")
-            control.transport.gone(ConnectionDone())
+            control.transport.connectionGone(ConnectionDone())
             self.assertEqual(h.listener.status, "reconnecting")
             h.settle()
             h.connection().handshake()
@@ -1344,12 +1265,7 @@ class ReconnectTests(SynchronousTestCase):
 
     def test_backoffResetsAfterSuccess(self) -> None:
         h = StatusHarness()
-        h.listen().drop()
-        h.settle()
-        h.connection().handshake(503, "Busy")
-        h.settle()
-        h.reactor.advance(1.5)
-        h.connection().handshake()
+        h.reconnectAfterRefusal()
         self.assertEqual(h.listener.status, "online")
         h.reactor.advance(STABLE_SECONDS)
         h.listener._control.transport.loseConnection()  # type: ignore[union-attr]
@@ -1364,12 +1280,7 @@ class ReconnectTests(SynchronousTestCase):
         retried at once (which would loop), but after a back-off.
         """
         h = StatusHarness()
-        h.listen().drop()
-        h.settle()
-        h.connection().handshake(503, "Busy")
-        h.settle()
-        h.reactor.advance(1.5)
-        h.connection().handshake()
+        h.reconnectAfterRefusal()
         self.assertEqual(h.listener.status, "online")
         h.listener._control.transport.loseConnection()  # type: ignore[union-attr]
         h.settle()
@@ -1778,12 +1689,7 @@ class AcceptTests(SynchronousTestCase):
         control.sendJson(acceptCommand())
         leg = h.connection()
         leg.handshake()
-        closing = h.listener.close()
-        self.assertEqual(leg.closes(), [1000])
-        control.answerClose()
-        self.assertNoResult(closing)
-        leg.answerClose()
-        self.successResultOf(closing)
+        assertCloseWaitsFor(self, h, control, leg)
 
     def test_streamsOutliveTheControlChannel(self) -> None:
         """

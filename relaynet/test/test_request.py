@@ -27,12 +27,12 @@ from relaynet.core import RelaySettings
 from relaynet.entities import Entity
 from relaynet.frontdoor import FrontDoor, RelaySite
 from relaynet.registry import MemoryRegistry
+from relaynet.test.support import FakeTcp
 from relaynet.test.test_websocket import (
     BINARY,
     CONTINUATION,
     HOST,
     TEXT,
-    FakeTcp,
     Harness,
     Peer,
     token,

@@ -43,6 +43,8 @@ from relaynet.streams import (
     connectStream,
     relayEndpoint,
 )
+from relaynet.test import support
+from relaynet.test.support import RecordingProducer
 from relaynet.testing import HIGH_WATER, MemoryRelay, NotSettled
 from relaynet.web import WebListener
 
@@ -69,37 +71,17 @@ class Echo(Collect):
         self.transport.write(data)
 
 
-class Recorder:
+class Recorder(support.Recorder):
     """
-    A handler that answers every request with its method and target.
+    A handler that keeps its requests and answers every one with its method
+    and target.
     """
-
-    def __init__(self) -> None:
-        self.requests: list[RelayedHttpRequest] = []
 
     def handleRequest(self, request: RelayedHttpRequest) -> None:
-        self.requests.append(request)
+        super().handleRequest(request)
         request.respond(200, headers={"Content-Type": "text/plain"})
         request.write(f"{request.method} {request.target}".encode())
         request.finish()
-
-
-class Producer:
-    """
-    A streaming producer that notes what it is told.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.events.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.events.append("resume")
-
-    def stopProducing(self) -> None:
-        self.events.append("stop")
 
 
 class Silent:
@@ -507,7 +489,7 @@ class TransportTests(MemoryRelayTestCase):
         self.listener(handler=Silent())
         proto = self.connected()
         transport: Any = proto.transport
-        producer = Producer()
+        producer = RecordingProducer()
         events = producer.events
         transport.registerProducer(producer, True)
         head = (
@@ -529,8 +511,8 @@ class TransportTests(MemoryRelayTestCase):
         proto = self.connected()
         transport: Any = proto.transport
         transport.unregisterProducer()
-        transport.registerProducer(Producer(), True)
-        self.assertRaises(RuntimeError, transport.registerProducer, Producer(), True)
+        transport.registerProducer(RecordingProducer(), True)
+        self.assertRaises(RuntimeError, transport.registerProducer, RecordingProducer(), True)
 
     def test_raisingProtocolIsDropped(self) -> None:
         """

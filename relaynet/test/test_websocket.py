@@ -4,7 +4,7 @@ Tests for L{relaynet.protocols.websocket}: the C{listen}, C{connect} and
 C{accept} actions driven through L{HybridConnectionProtocol} over fake
 transports and a L{Clock}, with hand-written HTTP handshakes and frames.
 
-The helpers here (L{Harness}, L{Peer}, L{FakeTcp}) are shared with
+The helpers here (L{Harness}, L{Peer}) are shared with
 C{test_splice} and C{test_service}.
 """
 
@@ -15,11 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
@@ -33,6 +29,7 @@ from relaynet.protocols.websocket import (
     HybridConnectionResource,
     stripRelayParameters,
 )
+from relaynet.test.support import FakeTcp, headerValue, parseFrames, reassemble
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = "c2VjcmV0LWtleS1mb3ItdW5pdC10ZXN0cy1vbmx5LTE="
@@ -62,72 +59,6 @@ def clientFrame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
     else:
         head += bytes([0x80 | 127]) + length.to_bytes(8, "big")
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def parseFrames(data: bytes) -> list[tuple[bool, int, bytes]]:
-    """
-    Split what a server wrote into (fin, opcode, payload) frames.
-    """
-    frames = []
-    while data:
-        fin, opcode = bool(data[0] & 0x80), data[0] & 0x0F
-        masked, length, at = data[1] & 0x80, data[1] & 0x7F, 2
-        if length == 126:
-            length, at = int.from_bytes(data[2:4], "big"), 4
-        elif length == 127:
-            length, at = int.from_bytes(data[2:10], "big"), 10
-        mask = b""
-        if masked:
-            mask, at = data[at : at + 4], at + 4
-        payload = data[at : at + length]
-        if mask:
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        frames.append((fin, opcode, payload))
-        data = data[at + length :]
-    return frames
-
-
-class FakeTcp(StringTransport):
-    """
-    A L{StringTransport} that ends like a TCP connection: the protocol hears
-    of it on the next turn of the clock.  Like a TCP transport it lets a
-    protocol unregister a producer it never registered.
-
-    @ivar aborted: the relay aborted the connection.
-    """
-
-    aborted = False
-
-    def __init__(self, clock: Clock, peer: tuple[str, int] = PEER) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", *peer), lenient=True)
-        self.clock = clock
-        self.protocol: Any = None
-        self._ending = False
-
-    def loseConnection(self) -> None:
-        self._end(ConnectionDone("closed by the relay"))
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self._end(ConnectionAborted())
-
-    def _end(self, reason: Exception) -> None:
-        self.disconnecting = True
-        if not self._ending:
-            self._ending = True
-            self.clock.callLater(0, self.connectionGone, reason)
-
-    def connectionGone(self, reason: Exception | None = None) -> None:
-        """
-        Tell the protocol the connection is gone (now, if the peer vanished).
-        """
-        if self.connected:
-            self.connected = False
-            self.protocol.connectionLost(Failure(reason or ConnectionLost("the peer vanished")))
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-        self.streaming = None
 
 
 class Peer:
@@ -198,11 +129,7 @@ class Peer:
     def header(self, name: str) -> str | None:
         split = self._split()
         assert split is not None, "no response"
-        for line in split[0].split(b"\r\n")[1:]:
-            key, _, value = line.decode("latin-1").partition(":")
-            if key.strip().lower() == name.lower():
-                return value.strip()
-        return None
+        return headerValue(split[0], name)
 
     def frames(self) -> list[tuple[bool, int, bytes]]:
         split = self._split()
@@ -212,18 +139,7 @@ class Peer:
         """
         The data messages received, reassembled: (opcode, payload).
         """
-        done: list[tuple[int, bytes]] = []
-        current: list[Any] | None = None
-        for fin, opcode, payload in self.frames():
-            if opcode >= 8:
-                continue
-            if current is None:
-                current = [opcode, b""]
-            current[1] += payload
-            if fin:
-                done.append((current[0], current[1]))
-                current = None
-        return done
+        return reassemble(self.frames())
 
     def closes(self) -> list[tuple[int | None, bytes]]:
         """
@@ -634,7 +550,7 @@ class ResourceTests(SynchronousTestCase):
 
     def _request(self, h: Harness, request: bytes) -> FakeTcp:
         site = Site(HybridConnectionResource(h.factory), reactor=h.clock)
-        transport = FakeTcp(h.clock)
+        transport = FakeTcp(h.clock, PEER)
         channel = site.buildProtocol(transport.getPeer())
         transport.protocol = channel
         channel.makeConnection(transport)
