@@ -211,9 +211,6 @@ class _Behaviour:
         A listener that closes ends the sender's stream cleanly, after all
         it wrote.
         """
-        closer = Factory.forProtocol(Protocol)
-        closer.accepted = []  # type: ignore[attr-defined]
-
         class Closer(Protocol):
             def connectionMade(self) -> None:
                 self.transport.write(b"bye" * 1000)  # type: ignore[union-attr]
@@ -291,7 +288,7 @@ class _Behaviour:
             await self.send(Factory.forProtocol(Sink), tokens=fixedToken("SharedAccessSignature sr=x&sig=y&se=1&skn=z"))
         self.assertEqual(e.exception.status, 401)
 
-    async def test_tokenForAnotherEntity(self) -> None:
+    async def test_wrongKey(self) -> None:
         await self.listen(self.echoFactory())
         wrong = fromKey(KEY_NAME, "d3Jvbmcta2V5", reactor)
         with self.assertRaises(AuthorizationError):
@@ -366,13 +363,21 @@ class NativeTLSTests(_Behaviour, TestCase):
         TLS has no half-close in Twisted: ending the sending side ends the
         stream; the listener still sees all that was sent.
         """
-        answered = Factory.forProtocol(Answerer)
-        await self.listen(answered)
+        received: list[Sink] = []
+
+        class Receiver(Sink):
+            def connectionMade(self) -> None:
+                received.append(self)
+
+        await self.listen(Factory.forProtocol(Receiver))
         sink = await self.send(Factory.forProtocol(Sink))
         sink.transport.write(b"abc")
         sink.transport.loseConnection()
         reason = await sink.ended
         self.assertIsInstance(reason, ConnectionDone)
+        [listener] = received
+        self.assertIsInstance(await listener.ended, ConnectionDone)
+        self.assertEqual(bytes(listener.received), b"abc")
 
 
 class NativeSenderWebSocketListenerTests(_Behaviour, TestCase):
