@@ -613,3 +613,45 @@ class ThrottleTests(SynchronousTestCase):
             h.connect("/$hc/hyco?sb-hc-action=listen")
         h.clock.advance(30)
         self.assertEqual(h.connect("/$hc/hyco?sb-hc-action=listen").status, 401)
+
+
+class DirectIOTests(SynchronousTestCase):
+    """
+    L{DirectIO}: writes go straight to the transport unless autobahn's own
+    queue is in use, which is then made on demand and keeps the order.
+    """
+
+    def setUp(self) -> None:
+        from collections import deque
+
+        from twisted.internet.testing import StringTransport
+
+        from relaynet.protocols.websocket import DirectIO
+
+        self.deque = deque
+
+        class Autobahn:
+            def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+                self.send_queue.append((data, sync))  # type: ignore[attr-defined]
+
+            def _dataReceived(self, data: bytes) -> None:
+                self.read = data
+
+        class Proto(DirectIO, Autobahn):
+            send_queue = ()
+
+        self.proto = Proto()
+        self.proto.transport = StringTransport()
+
+    def test_straightThrough(self) -> None:
+        self.proto.sendData(b"frame")
+        self.assertEqual(self.proto.transport.value(), b"frame")
+        self.proto.dataReceived(b"in")
+        self.assertEqual(self.proto.read, b"in")  # type: ignore[attr-defined]
+
+    def test_queueOnDemand(self) -> None:
+        self.proto.sendData(b"sync", sync=True)
+        self.assertIsInstance(self.proto.send_queue, self.deque)
+        self.proto.sendData(b"after")
+        self.assertEqual(list(self.proto.send_queue), [(b"sync", True), (b"after", False)])
+        self.assertEqual(self.proto.transport.value(), b"")
