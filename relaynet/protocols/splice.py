@@ -4,7 +4,10 @@ Splicing a sender's WebSocket to a listener's rendezvous WebSocket.
 
 Messages pass frame by frame as they arrive, text stays text and binary stays
 binary, and nothing is buffered in the relay: when one side's send buffer is
-full the relay stops reading the other side (end-to-end backpressure).
+full the relay stops reading the other side (end-to-end backpressure).  Once
+both sides are open, each side's frames go through a
+L{relaynet.protocols.forward.FrameForwarder}; L{Leg}'s frame methods pass on
+what autobahn parsed before that (frames that came with a handshake).
 
 A close from one side is passed on to the other without being answered, so
 the other side may still send (half-close); its close is then passed back,
@@ -26,8 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["Leg", "ReadSide", "splice"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
-#: The largest single-frame message passed on whole rather than streamed.
-WHOLE = 65536
 CLOSING = WebSocketProtocol.STATE_CLOSING
 
 
@@ -59,7 +60,7 @@ class Leg:
     """
 
     # Two per relayed connection, for as long as it lasts.
-    __slots__ = ("proto", "partner", "halfClosed", "_binary", "_started", "_whole")
+    __slots__ = ("proto", "partner", "halfClosed", "_binary", "_started")
 
     def __init__(self, proto: HybridConnectionProtocol) -> None:
         self.proto = proto
@@ -68,9 +69,6 @@ class Leg:
         self._binary = True
         # Whether the partner's copy of the message has begun.
         self._started = False
-        # The payload of a small single-frame message, gathered to pass on
-        # as one frame.
-        self._whole: list[bytes] | None = None
 
     @property
     def transport(self) -> Any:
@@ -89,11 +87,6 @@ class Leg:
         target = self._target()
         if target is None:
             return
-        if not self._started and length <= WHOLE and self.proto.current_frame.fin:
-            # A message of one small frame passes as one frame: streaming
-            # it would cost an extra empty frame to end it.
-            self._whole = []
-            return
         if not self._started:
             target.beginMessage(isBinary=self._binary)
             self._started = True
@@ -102,21 +95,13 @@ class Leg:
             target.sendMessageFrameData(b"")
 
     def frameData(self, payload: bytes) -> None:
-        if self._whole is not None:
-            self._whole.append(payload)
-            return
         target = self._target()
         if target is not None and payload:
             target.sendMessageFrameData(payload)
 
     def messageEnd(self) -> None:
         target = self._target()
-        whole, self._whole = self._whole, None
-        if target is None:
-            return
-        if whole is not None:
-            target.sendMessage(b"".join(whole), isBinary=self._binary)
-        elif self._started:
+        if target is not None and self._started:
             target.endMessage()
 
     def closeFrame(self, code: int | None, reason: bytes | None) -> bool:

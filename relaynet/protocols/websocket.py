@@ -34,6 +34,7 @@ from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
+from relaynet.protocols.forward import FrameForwarder, held
 from relaynet.protocols.native import BridgeLeg, NativeParty, NativeUpgrade, isNativeUpgrade
 from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
@@ -126,6 +127,8 @@ class PendingSender:
             self.result.callback(protocol if protocol in self.offered else None)
             if sender.state == sender.STATE_OPEN:
                 splice(sender.role, listener.role)
+                sender.forwarder = FrameForwarder(sender, sender.role, listener)
+                listener.forwarder = FrameForwarder(listener, listener.role, sender)
             else:
                 listener.dropConnection(abort=True)
         else:
@@ -280,6 +283,11 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
     factory: HybridConnectionFactory
     info: HandshakeInfo
     role: Any = None
+    # A spliced leg's frames go through its forwarder; frames the relay
+    # writes to the leg wait in _held while a forwarded one is half-written
+    # (relaynet.protocols.forward).
+    forwarder: FrameForwarder | None = None
+    _held: list[bytes] | None = None
     _pendingId: str | None = None
     _pendingSender: Pending | None = None
 
@@ -306,6 +314,17 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
     @property
     def relay(self) -> Relay:
         return self.factory.relay
+
+    def dataReceived(self, data: bytes) -> None:
+        forwarder = self.forwarder
+        if forwarder is not None and forwarder.ready():
+            forwarder.feed(data)
+        else:
+            self._dataReceived(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        if self._held is None or not held(self, data):
+            super().sendData(data, sync, chopsize)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._connect(request))
@@ -510,6 +529,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancelTimers(self)
+        self.forwarder = None
         super().connectionLost(reason)
 
     def goAway(self) -> None:

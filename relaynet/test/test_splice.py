@@ -116,19 +116,28 @@ class FrameTests(SynchronousTestCase):
         sender.send(CONTINUATION, b"lo", fin=True)
         self.assertEqual(accepted.messages(), [(TEXT, b"hello")])
 
-    def test_smallMessageIsOneFrame(self) -> None:
+    def test_framesPassAsTheyAre(self) -> None:
         """
-        A message of one small frame arrives as that one frame; a larger
-        frame streams through as it comes, ended by an empty final frame.
+        Every frame arrives as the frame it was, small or large: no frame is
+        split, joined, or followed by one the sender did not send.
         """
-        from relaynet.protocols.splice import WHOLE
-
         _, sender, accepted = _pair()
         sender.send(BINARY, b"ping")
-        self.assertEqual(accepted.frames(), [(True, BINARY, b"ping")])
-        large = bytes(WHOLE + 1)
+        large = bytes(range(256)) * 600
         sender.send(TEXT, large)
-        self.assertEqual(accepted.frames()[1:], [(False, TEXT, large), (True, CONTINUATION, b"")])
+        sender.send(BINARY, large, fin=False)
+        sender.send(CONTINUATION, b"", fin=False)
+        sender.send(CONTINUATION, b"end", fin=True)
+        self.assertEqual(
+            accepted.frames(),
+            [
+                (True, BINARY, b"ping"),
+                (True, TEXT, large),
+                (False, BINARY, large),
+                (False, CONTINUATION, b""),
+                (True, CONTINUATION, b"end"),
+            ],
+        )
 
     def test_emptyMessagePasses(self) -> None:
         _, sender, accepted = _pair()

@@ -75,7 +75,11 @@ class Peer:
         headers: Sequence[tuple[str, str]] = (),
         protocols: Sequence[str] = (),
         peer: tuple[str, int] = PEER,
+        early: bytes = b"",
     ) -> None:
+        """
+        @param early: bytes sent in the same read as the upgrade request.
+        """
         rawPath, _, rawQuery = target.partition("?")
         allHeaders = [
             ("Host", HOST),
@@ -103,7 +107,7 @@ class Peer:
         )
         self.proto.makeConnection(self.transport)
         head = [f"GET {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in allHeaders]
-        self.proto.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        self.proto.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + early)
 
     def _split(self) -> tuple[bytes, bytes] | None:
         data = self.transport.value()

@@ -1,0 +1,343 @@
+# -*- test-case-name: relaynet.test.test_forward -*-
+"""
+Tests for L{relaynet.protocols.forward}: frames passed between spliced
+WebSocket legs (over fake transports), the unmasking, and the direct
+writes (over real sockets).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from relaynet.protocols.forward import MAX_HELD, SMALL, FrameForwarder, Unmasker, serverHeader, writeNow
+from relaynet.test.support import parseFrames, waitFor
+from relaynet.test.test_websocket import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Harness, Peer, clientFrame
+
+PROTOCOL_ERROR = 1002
+
+
+def _xor(payload: bytes, key: bytes) -> bytes:
+    return bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _frame(opcode: int, payload: bytes = b"", fin: bool = True, key: bytes = b"\x37\xfa\x21\x3d") -> bytes:
+    """
+    A client frame masked with C{key}.
+    """
+    head = serverHeader((0x80 if fin else 0) | opcode, len(payload))
+    return head[:1] + bytes([head[1] | 0x80]) + head[2:] + key + _xor(payload, key)
+
+
+def _pair() -> tuple[Harness, Peer, Peer]:
+    h = Harness()
+    _, sender, accepted = h.pair()
+    return h, sender, accepted
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+
+class ServerHeaderTests(SynchronousTestCase):
+    """
+    L{serverHeader} uses the shortest length encoding and no mask.
+    """
+
+    def test_lengthEncodings(self) -> None:
+        for length, size in [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10), (1 << 40, 10)]:
+            head = serverHeader(0x82, length)
+            self.assertEqual(len(head), size, length)
+            self.assertEqual(head[0], 0x82)
+            self.assertFalse(head[1] & 0x80)
+        payload = b"x" * 70000
+        self.assertEqual(parseFrames(serverHeader(0x81, len(payload)) + payload), [(True, TEXT, payload)])
+
+
+class UnmaskerTests(SynchronousTestCase):
+    """
+    L{Unmasker} undoes a client's mask however the payload is cut.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        key=st.binary(min_size=4, max_size=4),
+        payload=st.binary(max_size=3000),
+        cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=8),
+    )
+    def test_anyCuts(self, key: bytes, payload: bytes, cuts: list[int]) -> None:
+        unmask = Unmasker(key, len(payload))
+        pieces = [bytes(unmask(memoryview(c))) for c in _chunks(_xor(payload, key), cuts)]
+        self.assertEqual(b"".join(pieces), payload)
+
+    def test_largeFrameInSmallPieces(self) -> None:
+        """
+        A frame long enough for the compiled masker, fed a byte at a time,
+        then in pieces that start at every offset of the key.
+        """
+        key = os.urandom(4)
+        payload = os.urandom(SMALL * 4 + 3)
+        masked = _xor(payload, key)
+        unmask = Unmasker(key, len(payload))
+        out = [bytes(unmask(memoryview(masked[i : i + 1]))) for i in range(len(masked))]
+        self.assertEqual(b"".join(out), payload)
+        unmask = Unmasker(key, len(payload))
+        out = [bytes(unmask(memoryview(masked[i : i + 131]))) for i in range(0, len(masked), 131)]
+        self.assertEqual(b"".join(out), payload)
+
+
+class ForwardingTests(SynchronousTestCase):
+    """
+    Spliced legs pass each other's frames exactly, read in any pieces.
+    """
+
+    def test_spliceInstallsForwarders(self) -> None:
+        _, sender, accepted = _pair()
+        self.assertIsInstance(sender.proto.forwarder, FrameForwarder)
+        self.assertIsInstance(accepted.proto.forwarder, FrameForwarder)
+        self.assertIs(sender.proto.forwarder.partner, accepted.proto)
+        self.assertIs(accepted.proto.forwarder.partner, sender.proto)
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        frames=st.lists(
+            st.tuples(
+                st.sampled_from(["text", "binary", "fragmented", "ping"]),
+                st.binary(max_size=300),
+                st.binary(min_size=4, max_size=4),
+            ),
+            min_size=1,
+            max_size=8,
+        ),
+        cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+    )
+    def test_anyFramesInAnyPieces(self, frames: list[tuple[str, bytes, bytes]], cuts: list[int]) -> None:
+        """
+        Data frames arrive as they were sent, unmasked and with their FIN
+        bits and opcodes; pings in between are answered by the relay and
+        not passed on.
+        """
+        _, sender, accepted = _pair()
+        wire = b""
+        expected: list[tuple[bool, int, bytes]] = []
+        pongs: list[bytes] = []
+        for kind, payload, key in frames:
+            if kind == "ping":
+                payload = payload[:125]
+                wire += _frame(PING, payload, key=key)
+                pongs.append(payload)
+            elif kind == "fragmented":
+                half = len(payload) // 2
+                wire += _frame(BINARY, payload[:half], fin=False, key=key)
+                wire += _frame(PING, b"mid", key=key)
+                pongs.append(b"mid")
+                wire += _frame(CONTINUATION, payload[half:], key=key[::-1])
+                expected += [(False, BINARY, payload[:half]), (True, CONTINUATION, payload[half:])]
+            else:
+                opcode = TEXT if kind == "text" else BINARY
+                wire += _frame(opcode, payload, key=key)
+                expected.append((True, opcode, payload))
+        for chunk in _chunks(wire, cuts):
+            sender.proto.dataReceived(chunk)
+        self.assertEqual(accepted.frames(), expected)
+        self.assertEqual([p for _, opcode, p in sender.frames() if opcode == PONG], pongs)
+
+    def test_largeFrameHeaderSplit(self) -> None:
+        """
+        A 64-bit length header cut after every byte still forwards the
+        frame whole.
+        """
+        _, sender, accepted = _pair()
+        payload = os.urandom(70000)
+        wire = _frame(BINARY, payload) + _frame(TEXT, b"after")
+        for i in range(14):
+            sender.proto.dataReceived(wire[i : i + 1])
+        sender.proto.dataReceived(wire[14:])
+        self.assertEqual(accepted.frames(), [(True, BINARY, payload), (True, TEXT, b"after")])
+
+    def test_framesThatCameWithTheHandshake(self) -> None:
+        """
+        Frames the listener sent in the same read as its rendezvous
+        handshake pass before the ones after it, in order.
+        """
+        h = Harness()
+        listener = h.listen()
+        sender = h.send()
+        address = listener.commands()[-1]["accept"]["address"]
+        accepted = h.rendezvous(address, early=clientFrame(BINARY, b"first") + clientFrame(TEXT, b"second", fin=False))
+        accepted.send(CONTINUATION, b"!", fin=True)
+        accepted.send(BINARY, b"third")
+        self.assertEqual(sender.messages(), [(BINARY, b"first"), (TEXT, b"second!"), (BINARY, b"third")])
+
+    def test_closeInTheSameRead(self) -> None:
+        """
+        Data, then a close, then nothing more: the data passes, then the
+        close is passed on, and autobahn reads from then on.
+        """
+        _, sender, accepted = _pair()
+        sender.proto.dataReceived(clientFrame(BINARY, b"last") + clientFrame(CLOSE, (1000).to_bytes(2, "big") + b"bye"))
+        self.assertIsNone(sender.proto.forwarder)
+        self.assertEqual(accepted.frames(), [(True, BINARY, b"last"), (True, CLOSE, (1000).to_bytes(2, "big") + b"bye")])
+        accepted.send(BINARY, b"answer")
+        self.assertEqual(sender.messages(), [(BINARY, b"answer")])
+
+
+class HeldWritesTests(SynchronousTestCase):
+    """
+    The relay's own frames to a leg wait for the end of a frame forwarded
+    to it.
+    """
+
+    def _halfFrame(self) -> tuple[Harness, Peer, Peer, bytes, bytes]:
+        h, sender, accepted = _pair()
+        payload = os.urandom(1000)
+        wire = _frame(BINARY, payload)
+        sender.proto.dataReceived(wire[:500])
+        return h, sender, accepted, payload, wire[500:]
+
+    def test_pongWaitsForTheFrame(self) -> None:
+        _, sender, accepted, payload, rest = self._halfFrame()
+        before = accepted.transport.value()
+        accepted.send(PING, b"are you there")
+        self.assertEqual(accepted.transport.value(), before)
+        sender.proto.dataReceived(rest)
+        self.assertEqual(accepted.frames(), [(True, BINARY, payload), (True, PONG, b"are you there")])
+
+    def test_closeWaitsForTheFrame(self) -> None:
+        """
+        The relay stopping mid-frame: the frame is finished, then the
+        close is sent.
+        """
+        h, sender, accepted, payload, rest = self._halfFrame()
+        h.factory.goAway()
+        self.assertEqual(parseFrames(accepted.transport.value().partition(b"\r\n\r\n")[2][:4])[0][1], BINARY)
+        self.assertEqual(accepted.closes(), [])
+        sender.proto.dataReceived(rest)
+        frames = accepted.frames()
+        self.assertEqual(frames[0], (True, BINARY, payload))
+        self.assertEqual(accepted.closes(), [(1001, b"The relay is shutting down.")])
+
+    def test_heldPongsAreBounded(self) -> None:
+        _, sender, accepted, payload, rest = self._halfFrame()
+        for _ in range(MAX_HELD * 3):
+            accepted.send(PING, b"x")
+        self.assertEqual(len(accepted.proto._held), MAX_HELD)
+        sender.proto.dataReceived(rest)
+        self.assertEqual(len([1 for _, opcode, _ in accepted.frames() if opcode == PONG]), MAX_HELD)
+
+
+class ViolationTests(SynchronousTestCase):
+    """
+    A leg that breaks RFC 6455 is closed with 1002 and dropped; nothing of
+    the bad frame reaches the other side, which is dropped with it.
+    """
+
+    def _violate(self, *wire: bytes, passed: tuple[tuple[bool, int, bytes], ...] = ()) -> None:
+        h, sender, accepted = _pair()
+        sender.send(BINARY, b"fine")
+        for data in wire:
+            sender.proto.dataReceived(data)
+        self.assertEqual(accepted.frames(), [(True, BINARY, b"fine"), *passed])
+        self.assertEqual([c for c, _ in sender.closes()], [PROTOCOL_ERROR])
+        self.assertTrue(sender.transport.disconnecting)
+        h.settle()
+        self.assertFalse(sender.transport.connected)
+        self.assertFalse(accepted.transport.connected)
+
+    def test_unmasked(self) -> None:
+        self._violate(b"\x82\x03abc")
+
+    def test_reservedBits(self) -> None:
+        self._violate(bytes([0xC2]) + _frame(BINARY, b"abc")[1:])
+
+    def test_reservedOpcode(self) -> None:
+        self._violate(_frame(3, b"abc"))
+
+    def test_continuationFirst(self) -> None:
+        self._violate(_frame(CONTINUATION, b"abc"))
+
+    def test_newMessageInsideFragmented(self) -> None:
+        self._violate(_frame(TEXT, b"ab", fin=False), _frame(BINARY, b"c"), passed=((False, TEXT, b"ab"),))
+
+    def test_longPing(self) -> None:
+        self._violate(_frame(PING, b"p" * 126))
+
+    def test_fragmentedPing(self) -> None:
+        self._violate(_frame(PING, b"p", fin=False))
+
+
+class _Sink(Protocol):
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class WriteNowTests(TestCase):
+    """
+    L{writeNow} over a real TCP connection on 127.0.0.1.
+    """
+
+    async def _connection(self) -> tuple[Any, _Sink]:
+        server: Deferred[Any] = Deferred()
+
+        class Accepting(Protocol):
+            def connectionMade(self) -> None:
+                server.callback(self.transport)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Accepting))
+        self.addCleanup(port.stopListening)
+        sink = _Sink()
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: sink))
+        self.addCleanup(client.transport.loseConnection)
+        transport = await server
+        self.addCleanup(transport.loseConnection)
+        return transport, sink
+
+    async def test_straightToTheSocket(self) -> None:
+        transport, sink = await self._connection()
+        writeNow(transport, [b"head", memoryview(b"-body-"), bytearray(b"tail")])
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+        await waitFor(lambda: len(sink.received) == 14)
+        self.assertEqual(bytes(sink.received), b"head-body-tail")
+
+    async def test_behindBufferedBytes(self) -> None:
+        """
+        What the transport still holds goes first.
+        """
+        transport, sink = await self._connection()
+        transport.write(b"a" * 1000)
+        writeNow(transport, [b"b"])
+        self.assertEqual(transport._tempDataLen, 1001)
+        await waitFor(lambda: len(sink.received) == 1001)
+        self.assertEqual(bytes(sink.received), b"a" * 1000 + b"b")
+
+    async def test_restBufferedWhenTheSocketIsFull(self) -> None:
+        """
+        When the socket takes only part, the rest is buffered by the
+        transport, in order, and all of it arrives.
+        """
+        transport, sink = await self._connection()
+        sink.transport.pauseProducing()
+        data = os.urandom(1 << 20)
+        writeNow(transport, [data[:100], data[100:]] * 32)
+        self.assertGreater(len(transport.dataBuffer) + transport._tempDataLen, 0)
+        sink.transport.resumeProducing()
+        await waitFor(lambda: len(sink.received) == 32 << 20, timeout=30)
+        self.assertEqual(bytes(sink.received), data * 32)
+
+    def test_otherTransportsBuffer(self) -> None:
+        transport = StringTransport()
+        writeNow(transport, [b"a", memoryview(b"b")] * 100)
+        self.assertEqual(transport.value(), b"ab" * 100)
