@@ -10,7 +10,6 @@ grace period) without a renewal it is closed with code 1008.
 from __future__ import annotations
 
 import datetime
-import struct
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from relaynet.auth import Rights, SasToken
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.entities import Entity
 from relaynet.errors import BadRequest, RelayError
+from relaynet.protocols.forward import serverHeader
 from relaynet.protocols.pubsub import FELL_BEHIND, Outbox
 from relaynet.registry import IListenerChannel
 
@@ -148,17 +148,17 @@ class ControlChannel:
     def offer(self, command: dict[str, Any] | bytes, body: bytes | None = None) -> bool:
         encoded = command if isinstance(command, bytes) else encodeCommand(command)
         outbox = self._openOutbox()
-        return outbox is not None and outbox.offer(encoded, body)
+        return outbox is not None and outbox.offer(_frames.get(encoded, body))
 
     def hasRoom(self) -> bool:
         # An outbox not made yet is empty.
         return self.outbox.hasRoom() if self.outbox is not None else self._open
 
-    def sendEncoded(self, encoded: bytes, body: bytes | None) -> None:
+    def sendFrames(self, frames: bytes) -> None:
         if self.proto.state == self.proto.STATE_OPEN:
             # Whole frames, straight to the transport: a control channel
             # sends whole messages only, so nothing can be half-sent.
-            self.proto.transport.write(_frames.get(encoded, body))  # type: ignore[union-attr]
+            self.proto.transport.write(frames)  # type: ignore[union-attr]
 
     def fellBehind(self, missed: int) -> None:
         """
@@ -243,21 +243,14 @@ def serverFrame(opcode: int, payload: bytes) -> bytes:
     One whole, unmasked WebSocket frame (RFC 6455 section 5.2), as a server
     sends it.
     """
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", 0x80 | opcode, length)
-    elif length < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, length)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, length)
-    return head + payload
+    return serverHeader(0x80 | opcode, len(payload)) + payload
 
 
 class _LastFrames:
     """
-    The frames of the last command sent, kept so that an event fanned out
-    to many subscribers, whose outboxes hold the very same C{bytes}, is
-    framed once rather than once per subscriber.
+    The frames of the last command offered, kept so that an event fanned
+    out to many subscribers is framed once rather than once per subscriber,
+    and their outboxes hold the very same C{bytes}.
     """
 
     def __init__(self) -> None:

@@ -47,13 +47,15 @@ class Outbox:
     def __init__(self, channel: ControlChannel, limit: int) -> None:
         self._channel = channel
         self._limit = limit
-        self._queue: deque[tuple[bytes, bytes | None]] = deque()
+        self._queue: deque[bytes] = deque()
         self._paused = False
         self.overflowed = False
 
-    def offer(self, encoded: bytes, body: bytes | None) -> bool:
+    def offer(self, frames: bytes) -> bool:
         """
-        Send a command and its body now, or queue them.
+        Send a command's frames (the command, then its body if it has one)
+        now, or queue them.  Subscribers of one event are offered the very
+        same C{bytes}, so a queued event costs each outbox one reference.
 
         @return: C{False} if the outbox is full (the subscriber has been cut
             off).
@@ -66,7 +68,7 @@ class Outbox:
             self._queue.clear()
             self._channel.fellBehind(missed)
             return False
-        self._queue.append((encoded, body))
+        self._queue.append(frames)
         self._drain()
         return True
 
@@ -75,8 +77,7 @@ class Outbox:
 
     def _drain(self) -> None:
         while self._queue and not self._paused:
-            encoded, body = self._queue.popleft()
-            self._channel.sendEncoded(encoded, body)
+            self._channel.sendFrames(self._queue.popleft())
 
     def pauseProducing(self) -> None:
         self._paused = True

@@ -19,6 +19,7 @@ from relaynet.core import HandshakeInfo, Relay, RelaySettings
 from relaynet.entities import Entity, Namespace
 from relaynet.protocols.control import ControlChannel, closeReason
 from relaynet.registry import IListenerChannel, MemoryRegistry
+from relaynet.test.support import parseFrames
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = "c2VjcmV0LWtleS1mb3ItdW5pdC10ZXN0cy1vbmx5LTE="
@@ -298,3 +299,56 @@ class ServerFrameTests(SynchronousTestCase):
         other = frames.get(command, None)
         self.assertEqual(other, serverFrame(0x1, command))
         self.assertIsNot(frames.get(command, body), first)
+
+
+class OutboxTests(SynchronousTestCase):
+    """
+    A subscriber's outbox queues the event's frames themselves, shared by
+    every subscriber of the event, and sends them in order once it may.
+    """
+
+    class _Channel:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+            self.missed: list[int] = []
+
+        def sendFrames(self, frames: bytes) -> None:
+            self.sent.append(frames)
+
+        def fellBehind(self, missed: int) -> None:
+            self.missed.append(missed)
+
+    def test_queuedFramesAreShared(self) -> None:
+        from relaynet.protocols.control import _LastFrames
+        from relaynet.protocols.pubsub import Outbox
+
+        frames = _LastFrames()
+        channels = [self._Channel(), self._Channel()]
+        outboxes = [Outbox(channel, limit=10) for channel in channels]  # type: ignore[arg-type]
+        for outbox in outboxes:
+            outbox.pauseProducing()
+        events = [(f'{{"request": {{"id": {i}}}}}'.encode(), bytes([i]) * 100) for i in range(3)]
+        for encoded, body in events:
+            for outbox in outboxes:
+                self.assertTrue(outbox.offer(frames.get(encoded, body)))
+        self.assertEqual([c.sent for c in channels], [[], []])
+        for outbox in outboxes:
+            outbox.resumeProducing()
+        first, second = (c.sent for c in channels)
+        self.assertEqual(len(first), 3)
+        self.assertTrue(all(a is b for a, b in zip(first, second)))
+        self.assertEqual([parseFrames(f) for f in first], [[(True, 1, e), (True, 2, b)] for e, b in events])
+
+    def test_overflowCutsOff(self) -> None:
+        from relaynet.protocols.pubsub import Outbox
+
+        channel = self._Channel()
+        outbox = Outbox(channel, limit=2)  # type: ignore[arg-type]
+        outbox.pauseProducing()
+        self.assertTrue(outbox.offer(b"a"))
+        self.assertTrue(outbox.offer(b"b"))
+        self.assertFalse(outbox.offer(b"c"))
+        self.assertEqual(channel.missed, [3])
+        self.assertFalse(outbox.hasRoom())
+        outbox.resumeProducing()
+        self.assertEqual(channel.sent, [])
