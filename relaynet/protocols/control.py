@@ -20,8 +20,8 @@ from zope.interface import implementer
 from relaynet.auth import Rights, SasToken
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.entities import Entity
-from relaynet.errors import BadRequest, RelayError
-from relaynet.protocols.forward import serverHeader
+from relaynet.errors import BadGateway, BadRequest, RelayError
+from relaynet.protocols.frames import serverHeader, writeNow
 from relaynet.protocols.pubsub import FELL_BEHIND, Outbox
 from relaynet.registry import IListenerChannel
 
@@ -173,11 +173,14 @@ class ControlChannel:
         limit = self.relay.settings.maxControlMessage
         if len(encoded) > limit or (body is not None and len(body) > limit):
             raise BadRequest(f"The request is too large for the listener's control channel ({limit} bytes).")
-        # The command and its body go out together: listeners take the very
-        # next message as the body.
-        self.proto.sendMessage(encoded, isBinary=False)
+        if self.proto.state != self.proto.STATE_OPEN:
+            raise BadGateway("The listener's control channel is closing.")
+        # The command and its body go out together, in one write: listeners
+        # take the very next message as the body.
+        frames = [serverHeader(0x81, len(encoded)), encoded]
         if body is not None:
-            self.proto.sendMessage(body, isBinary=True)
+            frames += [serverHeader(0x82, len(body)), body]
+        writeNow(self.proto.transport, frames)
 
     def messageReceived(self, payload: bytes, isBinary: bool) -> None:
         exchange, self._bodyFor = self._bodyFor, None

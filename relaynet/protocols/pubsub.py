@@ -16,13 +16,14 @@ slows the publisher or the other subscribers.
 
 from __future__ import annotations
 
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from relaynet.registry import randomHex
 
 if TYPE_CHECKING:
     from relaynet.protocols.control import ControlChannel
@@ -98,7 +99,7 @@ def eventCommand(
     The C{request} a subscriber gets for one event (or a listener for one
     one-way message): a POST with the publisher's headers.
     """
-    eventId = f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}"
+    eventId = f"{EVENT_ID_PREFIX}{randomHex(16)}"
     return {
         "request": {
             "address": f"{base}/$hc/{entityPath}?sb-hc-action=request&sb-hc-id={eventId}",

@@ -149,6 +149,21 @@ class RelayHttpChannel(HTTPChannel):
         if setNoDelay is not None:
             setNoDelay(True)
 
+    # The local address and whether it is TLS never change on a connection,
+    # but twisted.web asks for both on every request (a getsockname call).
+    _host: Any = None
+    _secure: bool | None = None
+
+    def getHost(self) -> Any:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
+
     def lineReceived(self, line: bytes) -> None:
         before = len(self.requests)
         super().lineReceived(line)

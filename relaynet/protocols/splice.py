@@ -6,7 +6,7 @@ Messages pass frame by frame as they arrive, text stays text and binary stays
 binary, and nothing is buffered in the relay: when one side's send buffer is
 full the relay stops reading the other side (end-to-end backpressure).  Once
 both sides are open, each side's frames go through a
-L{relaynet.protocols.forward.FrameForwarder}; L{Leg}'s frame methods pass on
+L{relaynet.protocols.frames.FrameForwarder}; L{Leg}'s frame methods pass on
 what autobahn parsed before that (frames that came with a handshake).
 
 A close from one side is passed on to the other without being answered, so

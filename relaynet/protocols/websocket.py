@@ -34,7 +34,7 @@ from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
-from relaynet.protocols.forward import FrameForwarder, held
+from relaynet.protocols.frames import FrameForwarder, FrameReader, MessageReader, held
 from relaynet.protocols.native import BridgeLeg, NativeParty, NativeUpgrade, isNativeUpgrade
 from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
@@ -127,8 +127,8 @@ class PendingSender:
             self.result.callback(protocol if protocol in self.offered else None)
             if sender.state == sender.STATE_OPEN:
                 splice(sender.role, listener.role)
-                sender.forwarder = FrameForwarder(sender, sender.role, listener)
-                listener.forwarder = FrameForwarder(listener, listener.role, sender)
+                sender.reader = FrameForwarder(sender, sender.role, listener)
+                listener.reader = FrameForwarder(listener, listener.role, sender)
             else:
                 listener.dropConnection(abort=True)
         else:
@@ -283,10 +283,10 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
     factory: HybridConnectionFactory
     info: HandshakeInfo
     role: Any = None
-    # A spliced leg's frames go through its forwarder; frames the relay
-    # writes to the leg wait in _held while a forwarded one is half-written
-    # (relaynet.protocols.forward).
-    forwarder: FrameForwarder | None = None
+    # A spliced leg's or a control channel's frames go through its reader;
+    # frames the relay writes to a leg wait in _held while a forwarded one
+    # is half-written (relaynet.protocols.frames).
+    reader: FrameReader | None = None
     _held: list[bytes] | None = None
     _pendingId: str | None = None
     _pendingSender: Pending | None = None
@@ -316,9 +316,9 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
         return self.factory.relay
 
     def dataReceived(self, data: bytes) -> None:
-        forwarder = self.forwarder
-        if forwarder is not None and forwarder.ready():
-            forwarder.feed(data)
+        reader = self.reader
+        if reader is not None and reader.ready():
+            reader.feed(data)
         else:
             self._dataReceived(data)
 
@@ -371,6 +371,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
         self.maxMessagePayloadSize = self.maxFramePayloadSize = settings.maxControlMessage
         self.autoPingInterval = settings.pingInterval
         self.autoPingTimeout = settings.pingTimeout
+        self.reader = MessageReader(self)
         return None
 
     async def _sender(self, request: ConnectionRequest) -> str | None:
@@ -529,7 +530,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         cancelTimers(self)
-        self.forwarder = None
+        self.reader = None
         super().connectionLost(reason)
 
     def goAway(self) -> None:

@@ -45,15 +45,21 @@ class _Proto:
         from twisted.internet.testing import StringTransport
 
         self.closes: list[tuple[int | None, bytes | None]] = []
-        self.messages: list[tuple[bytes, bool]] = []
         # The outbox registers itself as this transport's producer.
         self.transport = StringTransport()
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False) -> None:
         self.closes.append((code, reasonUtf8))
 
-    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
-        self.messages.append((payload, isBinary))
+    @property
+    def messages(self) -> list[tuple[bytes, bool]]:
+        """
+        The messages the channel wrote, as (payload, isBinary), each checked
+        to be one whole frame.
+        """
+        frames = parseFrames(self.transport.value())
+        assert all(fin for fin, _, _ in frames), frames
+        return [(payload, opcode == 2) for _, opcode, payload in frames]
 
 
 class _CountingRegistry(MemoryRegistry):
@@ -234,6 +240,27 @@ class ChannelTests(SynchronousTestCase):
         channel, proto = self.channel()
         channel.sendCommand({"accept": {"address": "ws://x/$hc/hyco?a=1", "id": "i", "n": 1}})
         self.assertEqual(proto.messages, [(b'{"accept":{"address":"ws://x/$hc/hyco?a=1","id":"i","n":1}}', False)])
+
+    def test_commandAndBodyInOneWrite(self) -> None:
+        """
+        A command with a body goes out as two frames in one write, the body
+        right behind its command.
+        """
+        channel, proto = self.channel()
+        channel.sendCommand({"request": {"id": "r"}}, b"\x00body")
+        self.assertEqual(proto.messages, [(b'{"request":{"id":"r"}}', False), (b"\x00body", True)])
+        self.assertEqual(proto.transport.value()[:1], b"\x81")
+
+    def test_noCommandOnceClosing(self) -> None:
+        """
+        A channel that is closing takes no command; the caller hears why.
+        """
+        from relaynet.errors import BadGateway
+
+        channel, proto = self.channel()
+        proto.state = 2
+        self.assertRaises(BadGateway, channel.sendCommand, {"request": {"id": "r"}}, b"body")
+        self.assertEqual(proto.transport.value(), b"")
 
     def test_closeReasonFitsAControlFrame(self) -> None:
         channel, proto = self.channel()

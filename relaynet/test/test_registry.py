@@ -5,6 +5,7 @@ Tests for L{relaynet.registry}.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -20,6 +21,7 @@ from relaynet.registry import (
     IListenerRegistry,
     MemoryRegistry,
     RendezvousTable,
+    RandomHex,
     newConnectionId,
 )
 
@@ -253,3 +255,37 @@ class NewConnectionIdTests(SynchronousTestCase):
         self.assertIn("_G", first)
         self.assertNotEqual(first.split("_G")[0], second.split("_G")[0])
         self.assertNotEqual(first, second)
+
+
+class RandomHexTests(SynchronousTestCase):
+    """
+    L{RandomHex} hands out each pooled random byte once.
+    """
+
+    def test_poolRefillsAndNeverRepeats(self) -> None:
+        draw = RandomHex(size=64)
+        values = [draw(12) for _ in range(200)]
+        self.assertTrue(all(re.fullmatch(r"[0-9a-f]{24}", v) for v in values))
+        self.assertEqual(len(set(values)), 200)
+        self.assertEqual(len(draw(100)), 200)
+
+    def test_forkedChildStartsAfresh(self) -> None:
+        """
+        A child forked with bytes left in the pool does not hand out the
+        parent's next values.
+        """
+        draw = RandomHex()
+        draw(1)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.write(write, draw(16).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.addCleanup(os.close, read)
+        os.waitpid(pid, 0)
+        child = os.read(read, 64).decode()
+        self.assertEqual(len(child), 32)
+        self.assertNotEqual(child, draw(16))

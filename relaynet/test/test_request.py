@@ -1253,3 +1253,30 @@ class FoundByReviewTests(SynchronousTestCase):
         rendezvous = h.rendezvous(request["address"])
         full = json.loads(rendezvous.messages()[0][1])["request"]
         self.assertIn("X-Long-1", full["requestHeaders"])
+
+
+class ChannelAddressTests(SynchronousTestCase):
+    """
+    L{RelayHttpChannel} looks up its local address and TLS once per
+    connection, not once per request.
+    """
+
+    def test_askedOnce(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from relaynet.protocols.request import RelayHttpChannel
+
+        asked: list[str] = []
+
+        class Counting(StringTransport):
+            def getHost(self) -> Any:
+                asked.append("host")
+                return super().getHost()
+
+        channel = RelayHttpChannel()
+        channel.makeConnection(Counting())
+        first = channel.getHost()
+        self.assertIs(channel.getHost(), first)
+        self.assertFalse(channel.isSecure())
+        self.assertFalse(channel.isSecure())
+        self.assertEqual(asked, ["host"])

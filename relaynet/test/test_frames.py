@@ -1,6 +1,6 @@
-# -*- test-case-name: relaynet.test.test_forward -*-
+# -*- test-case-name: relaynet.test.test_frames -*-
 """
-Tests for L{relaynet.protocols.forward}: frames passed between spliced
+Tests for L{relaynet.protocols.frames}: frames passed between spliced
 WebSocket legs (over fake transports), the unmasking, and the direct
 writes (over real sockets).
 """
@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relaynet.protocols.forward import MAX_HELD, SMALL, FrameForwarder, Unmasker, serverHeader, writeNow
+from relaynet.protocols.frames import MAX_HELD, SMALL, FrameForwarder, MessageReader, Unmasker, serverHeader, writeNow
 from relaynet.test.support import parseFrames, waitFor
 from relaynet.test.test_websocket import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Harness, Peer, clientFrame
 
@@ -103,10 +103,10 @@ class ForwardingTests(SynchronousTestCase):
 
     def test_spliceInstallsForwarders(self) -> None:
         _, sender, accepted = _pair()
-        self.assertIsInstance(sender.proto.forwarder, FrameForwarder)
-        self.assertIsInstance(accepted.proto.forwarder, FrameForwarder)
-        self.assertIs(sender.proto.forwarder.partner, accepted.proto)
-        self.assertIs(accepted.proto.forwarder.partner, sender.proto)
+        self.assertIsInstance(sender.proto.reader, FrameForwarder)
+        self.assertIsInstance(accepted.proto.reader, FrameForwarder)
+        self.assertIs(sender.proto.reader.partner, accepted.proto)
+        self.assertIs(accepted.proto.reader.partner, sender.proto)
 
     @settings(max_examples=60, deadline=None)
     @given(
@@ -186,7 +186,7 @@ class ForwardingTests(SynchronousTestCase):
         """
         _, sender, accepted = _pair()
         sender.proto.dataReceived(clientFrame(BINARY, b"last") + clientFrame(CLOSE, (1000).to_bytes(2, "big") + b"bye"))
-        self.assertIsNone(sender.proto.forwarder)
+        self.assertIsNone(sender.proto.reader)
         self.assertEqual(accepted.frames(), [(True, BINARY, b"last"), (True, CLOSE, (1000).to_bytes(2, "big") + b"bye")])
         accepted.send(BINARY, b"answer")
         self.assertEqual(sender.messages(), [(BINARY, b"answer")])
@@ -341,3 +341,80 @@ class WriteNowTests(TestCase):
         transport = StringTransport()
         writeNow(transport, [b"a", memoryview(b"b")] * 100)
         self.assertEqual(transport.value(), b"ab" * 100)
+
+
+class MessageReaderTests(SynchronousTestCase):
+    """
+    A listener's control channel reads whole messages with a
+    L{MessageReader}, within its size limit.
+    """
+
+    def _listener(self) -> tuple[Harness, Peer, list[tuple[bytes, bool]]]:
+        h = Harness()
+        listener = h.listen()
+        got: list[tuple[bytes, bool]] = []
+        listener.proto.role.messageReceived = lambda payload, isBinary: got.append((payload, isBinary))
+        return h, listener, got
+
+    def test_installed(self) -> None:
+        _, listener, _ = self._listener()
+        self.assertIsInstance(listener.proto.reader, MessageReader)
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        messages=st.lists(st.tuples(st.booleans(), st.binary(max_size=600), st.integers(1, 3)), min_size=1, max_size=5),
+        cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=10),
+    )
+    def test_wholeMessagesFromAnyPieces(self, messages: list[tuple[bool, bytes, int]], cuts: list[int]) -> None:
+        """
+        Messages in one or more fragments, with a ping among them, read in
+        any pieces, arrive whole, in order, as text or binary.
+        """
+        _, listener, got = self._listener()
+        wire = b""
+        expected = []
+        for binary, payload, fragments in messages:
+            if not binary:
+                payload = payload.hex().encode()
+            opcode = BINARY if binary else TEXT
+            size = -(-len(payload) // fragments) or 1
+            parts = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+            for i, part in enumerate(parts):
+                wire += _frame(opcode if i == 0 else CONTINUATION, part, fin=i == len(parts) - 1)
+                if i == 0:
+                    wire += _frame(PING, b"hi")
+            expected.append((payload, binary))
+        for chunk in _chunks(wire, cuts):
+            listener.proto.dataReceived(chunk)
+        self.assertEqual(got, expected)
+        self.assertTrue(all(type(payload) is bytes for payload, _ in got))
+        self.assertEqual([p for _, opcode, p in listener.frames() if opcode == PONG], [b"hi"] * len(messages))
+
+    def test_tooBig(self) -> None:
+        """
+        A message above the control channel's limit, even in small
+        fragments, is refused with 1009 and the channel dropped.
+        """
+        h, listener, got = self._listener()
+        limit = h.relay.settings.maxControlMessage
+        listener.proto.dataReceived(_frame(BINARY, b"x" * (limit // 2), fin=False))
+        listener.proto.dataReceived(_frame(CONTINUATION, b"x" * (limit // 2 + 1)))
+        self.assertEqual(got, [])
+        self.assertEqual([c for c, _ in listener.closes()], [1009])
+        h.settle()
+        self.assertFalse(listener.transport.connected)
+        self.assertEqual(h.relay.registry.listenerCount(h.entity()), 0)
+
+    def test_textNotUtf8(self) -> None:
+        h, listener, got = self._listener()
+        listener.proto.dataReceived(_frame(TEXT, b'{"x": "\xff"}'))
+        self.assertEqual(got, [])
+        self.assertEqual([c for c, _ in listener.closes()], [1007])
+
+    def test_closeHandsBackToAutobahn(self) -> None:
+        h, listener, got = self._listener()
+        listener.proto.dataReceived(_frame(TEXT, b"{}") + _frame(CLOSE, (1000).to_bytes(2, "big")))
+        self.assertEqual(got, [(b"{}", False)])
+        self.assertIsNone(listener.proto.reader)
+        self.assertEqual(listener.closes(), [(1000, b"")])
+        self.assertEqual(h.relay.registry.listenerCount(h.entity()), 0)

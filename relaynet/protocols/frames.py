@@ -1,29 +1,34 @@
-# -*- test-case-name: relaynet.test.test_forward -*-
+# -*- test-case-name: relaynet.test.test_frames -*-
 """
-Passing WebSocket frames from one leg of a relayed connection to the other
-without taking messages apart.
+Reading clients' WebSocket frames without autobahn's parser, for the two
+busiest kinds of socket on the relay.
 
-Once two WebSocket legs are spliced, each side's incoming bytes go through
-a L{FrameForwarder} instead of autobahn's parser.  For every data frame it
-reads the header, writes the partner an unmasked header for the same frame
-(same opcode, same FIN bit, same length) and then passes the payload on,
-unmasked, piece by piece as it arrives: no frame or message is held, the
-frame boundaries, text and binary, and fragmentation are kept exactly.
+L{FrameForwarder}: once two WebSocket legs are spliced, each side's incoming
+bytes go through one.  For every data frame it reads the header, writes the
+partner an unmasked header for the same frame (same opcode, same FIN bit,
+same length) and then passes the payload on, unmasked, piece by piece as it
+arrives: no frame or message is held, and the frame boundaries, text and
+binary, and fragmentation are kept exactly.
 
-Control frames are handed whole (at most 131 bytes) to the leg's autobahn
-protocol, which answers pings, takes pongs, and runs the closing handshake
-as before (L{relaynet.protocols.splice.Leg.closeFrame}).  After a close
-frame the forwarder steps aside and autobahn reads the rest.
+L{MessageReader}: a listener's control channel reads whole messages with
+one, within the channel's size limit.
+
+Both hand control frames whole (at most 131 bytes) to the autobahn protocol,
+which answers pings, takes pongs, and runs the closing handshake as before
+(L{relaynet.protocols.splice.Leg.closeFrame} on legs).  After a close frame
+the reader steps aside and autobahn reads the rest.  A peer that breaks
+RFC 6455 is closed with 1002 (1009 for a control message that is too big,
+1007 for text that is not UTF-8) and dropped.
 
 The relay writes frames of its own to a leg (a pong, a close when it stops)
 only between two of the frames forwarded to it: while a forwarded frame is
 half-written, the leg holds them (L{HybridConnectionProtocol.sendData}) and
 the forwarder releases them when the frame ends.
 
-On plain TCP the forwarder writes to the partner's socket directly when
-Twisted holds nothing for it (L{writeNow}), which saves a trip through the
-reactor per write; otherwise, and over TLS, the transport buffers as usual
-and backpressure is the splice's (L{relaynet.protocols.splice.ReadSide}).
+On plain TCP, L{writeNow} writes to a socket directly when Twisted holds
+nothing for it, which saves a trip through the reactor per write;
+otherwise, and over TLS, the transport buffers as usual, and backpressure
+is the splice's (L{relaynet.protocols.splice.ReadSide}).
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ try:
 except ImportError:  # pragma: no cover - autobahn without its NVX build
     _ffi = _lib = None
 
-__all__ = ["FrameForwarder", "Unmasker", "writeNow"]
+__all__ = ["FrameForwarder", "FrameReader", "MessageReader", "Unmasker", "held", "serverHeader", "writeNow"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
+PROTOCOL_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_PROTOCOL_ERROR
+INVALID_PAYLOAD = WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD
+MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG
 _CLOSE = 0x8
 _DATA_OPCODES = (0x0, 0x1, 0x2)
 _CONTROL_OPCODES = (0x8, 0x9, 0xA)
@@ -150,29 +158,25 @@ def writeNow(transport: Any, pieces: list[Any]) -> None:
     transport.write(b"".join(pieces))
 
 
-class FrameForwarder:
+class FrameReader:
     """
-    The incoming side of one spliced WebSocket leg: its peer's frames go to
-    the partner leg's peer.
+    Reads a client's frames on an open WebSocket in place of autobahn's
+    parser: the headers are checked here and each payload is handed to the
+    subclass piece by piece as it arrives; control frames go whole to
+    autobahn.
 
-    @ivar proto: the leg's protocol, whose C{dataReceived} feeds L{feed}.
-    @ivar leg: its L{Leg}, which knows whether the partner is open.
-    @ivar partner: the partner leg's protocol, to which everything goes.
+    @ivar proto: the protocol whose C{dataReceived} feeds L{feed}.
     """
 
-    __slots__ = ("proto", "leg", "partner", "_ready", "_head", "_left", "_to", "_unmask", "_inMessage", "_broken")
+    __slots__ = ("proto", "_ready", "_head", "_left", "_unmask", "_inMessage", "_broken")
 
-    def __init__(self, proto: HybridConnectionProtocol, leg: Leg, partner: HybridConnectionProtocol) -> None:
+    def __init__(self, proto: HybridConnectionProtocol) -> None:
         self.proto = proto
-        self.leg = leg
-        self.partner = partner
         self._ready = False
         # The start of a frame header (or of a control frame) read so far.
         self._head = b""
-        # Payload bytes still to come in the current frame, and whether
-        # they go on (None: dropped, the partner is closing or gone).
+        # Payload bytes still to come in the current frame.
         self._left = 0
-        self._to: HybridConnectionProtocol | None = None
         self._unmask: Unmasker | None = None
         # Whether a fragmented data message is in progress.
         self._inMessage = False
@@ -181,9 +185,9 @@ class FrameForwarder:
 
     def ready(self) -> bool:
         """
-        Whether autobahn is between messages with nothing buffered, so that
-        the forwarder can take over (it may still be reading frames that
-        came with the handshake).
+        Whether autobahn is open and between messages with nothing
+        buffered, so that the reader can take over (autobahn may still be
+        reading frames that came with the handshake).
         """
         if not self._ready:
             proto = self.proto
@@ -194,7 +198,7 @@ class FrameForwarder:
 
     def feed(self, data: bytes) -> None:
         """
-        Forward what the leg's peer sent.
+        Read what the peer sent.
         """
         out: list[Any] = []
         view = memoryview(data)
@@ -206,19 +210,18 @@ class FrameForwarder:
             going = self._feed(memoryview(head + bytes(view[:_PROBE])), out)
             view = view[_PROBE:]
             if not going and view and not self._broken:
-                # After a close, autobahn reads the rest.
+                # Stopped at a frame boundary: autobahn reads the rest.
                 self.proto._dataReceived(bytes(view))
         if going and view:
             self._feed(view, out)
-        if out:
-            writeNow(self.partner.transport, out)
+        self._flush(out)
 
     def _feed(self, view: memoryview, out: list[Any]) -> bool:
         """
-        Forward the frames in C{view}, adding what goes to the partner to
+        Read the frames in C{view}; what goes out meanwhile is gathered in
         C{out}.
 
-        @return: whether the forwarder goes on reading.
+        @return: whether the reader goes on reading.
         """
         end = len(view)
         pos = 0
@@ -226,13 +229,11 @@ class FrameForwarder:
             left = self._left
             if left:
                 n = min(left, end - pos)
-                if self._to is not None:
-                    assert self._unmask is not None
-                    out.append(self._unmask(view[pos : pos + n]))
+                self._piece(view[pos : pos + n], out)
                 pos += n
                 self._left = left - n
-                if not self._left:
-                    self._frameDone(out)
+                if not self._left and not self._frameEnd(out):
+                    return self._stop(view[pos:])
                 continue
             # A frame header.
             avail = end - pos
@@ -262,18 +263,31 @@ class FrameForwarder:
                 frame = bytes(view[pos : pos + size + length])
                 pos += size + length
                 if not self._control(frame, opcode, out):
-                    # A close: autobahn reads the rest.
-                    if pos < end:
-                        self.proto._dataReceived(bytes(view[pos:]))
-                    return False
+                    return self._stop(view[pos:])
                 continue
             self._inMessage = not first & 0x80
             key = bytes(view[pos + size - 4 : pos + size])
             pos += size
-            self._begin(first, length, key, out)
+            self._left = length
+            self._unmask = Unmasker(key, length) if length else None
+            if not self._begin(first, opcode, length, out):
+                return False
+            if not length and not self._frameEnd(out):
+                return self._stop(view[pos:])
         if pos < end:
             self._head = bytes(view[pos:])
         return True
+
+    def _stop(self, rest: memoryview) -> bool:
+        """
+        The reader stepped aside at a frame boundary (after a close, or once
+        the connection started closing): autobahn reads the rest.
+        """
+        if self.proto.reader is self:
+            self.proto.reader = None
+        if rest and not self._broken:
+            self.proto._dataReceived(bytes(rest))
+        return False
 
     def _check(self, first: int, opcode: int, length: int) -> str | None:
         """
@@ -297,65 +311,159 @@ class FrameForwarder:
             return "new message before the fragmented one ended"
         return None
 
-    def _begin(self, first: int, length: int, key: bytes, out: list[Any]) -> None:
+    def _begin(self, first: int, opcode: int, length: int, out: list[Any]) -> bool:
         """
-        A data frame's header was read: start the partner's copy, unless the
-        partner is closing or gone.
-        """
-        self._left = length
-        target = self.leg._target()
-        self._to = target
-        if target is None:
-            return
-        out.append(serverHeader(first, length))
-        if length:
-            self._unmask = Unmasker(key, length)
-            if target._held is None:
-                target._held = []
-        else:
-            self._frameDone(out)
+        A data frame's header was read (its unmasker is ready).
 
-    def _frameDone(self, out: list[Any]) -> None:
+        @return: whether the reader goes on reading.
         """
-        The current frame was passed on whole: what the relay held for the
-        partner meanwhile may follow it.
+        raise NotImplementedError
+
+    def _piece(self, piece: memoryview, out: list[Any]) -> None:
         """
-        target, self._to = self._to, None
-        self._unmask = None
-        if target is not None and target._held is not None:
-            held, target._held = target._held, None
-            out.extend(held)
+        Some of the current frame's payload, still masked.
+        """
+        raise NotImplementedError
+
+    def _frameEnd(self, out: list[Any]) -> bool:
+        """
+        The current data frame's payload has all been read.
+
+        @return: whether the reader goes on reading.
+        """
+        raise NotImplementedError
+
+    def _flush(self, out: list[Any]) -> None:
+        """
+        Send what was gathered in C{out}, if anything.
+        """
 
     def _control(self, frame: bytes, opcode: int, out: list[Any]) -> bool:
         """
         A whole control frame: autobahn answers it (pong, close handshake),
-        after what came before it has gone to the partner.
+        after what came before it has gone out.
 
-        @return: whether the forwarder goes on reading (not after a close).
+        @return: whether the reader goes on reading (not after a close).
         """
-        if out:
-            writeNow(self.partner.transport, out)
-            del out[:]
+        self._flush(out)
+        del out[:]
         going = opcode != _CLOSE
         if not going:
-            self.proto.forwarder = None
+            self.proto.reader = None
         self.proto._dataReceived(frame)
-        return going
+        return going and self.proto.state == OPEN
+
+    def _fail(self, code: int, reason: str, out: list[Any]) -> None:
+        """
+        Close with C{code} and drop the connection: what follows cannot be
+        read.
+        """
+        self._flush(out)
+        del out[:]
+        self._broken = True
+        proto = self.proto
+        proto.reader = None
+        proto._fail_connection(code, reason)
+        proto.dropConnection(abort=False)
 
     def _violation(self, reason: str, out: list[Any]) -> None:
         """
-        The peer broke RFC 6455: autobahn closes the leg with 1002 and the
-        connection is dropped (what follows cannot be read); the splice
-        then ends the other leg.
+        The peer broke RFC 6455.
         """
+        self._fail(PROTOCOL_ERROR, reason, out)
+
+
+class FrameForwarder(FrameReader):
+    """
+    The incoming side of one spliced WebSocket leg: its peer's frames go to
+    the partner leg's peer.  A leg that breaks the protocol is closed with
+    1002 and dropped, and the splice ends the other.
+
+    @ivar leg: the leg's L{Leg}, which knows whether the partner is open.
+    @ivar partner: the partner leg's protocol, to which everything goes.
+    """
+
+    __slots__ = ("leg", "partner", "_to")
+
+    def __init__(self, proto: HybridConnectionProtocol, leg: Leg, partner: HybridConnectionProtocol) -> None:
+        super().__init__(proto)
+        self.leg = leg
+        self.partner = partner
+        # Where the current frame goes (None: dropped, the partner is
+        # closing or gone).
+        self._to: HybridConnectionProtocol | None = None
+
+    def _begin(self, first: int, opcode: int, length: int, out: list[Any]) -> bool:
+        target = self.leg._target()
+        self._to = target
+        if target is not None:
+            out.append(serverHeader(first, length))
+            if length and target._held is None:
+                target._held = []
+        return True
+
+    def _piece(self, piece: memoryview, out: list[Any]) -> None:
+        if self._to is not None:
+            assert self._unmask is not None
+            out.append(self._unmask(piece))
+
+    def _frameEnd(self, out: list[Any]) -> bool:
+        # What the relay held for the partner meanwhile may follow.
+        target, self._to = self._to, None
+        if target is not None and target._held is not None:
+            held, target._held = target._held, None
+            out.extend(held)
+        return True
+
+    def _flush(self, out: list[Any]) -> None:
         if out:
             writeNow(self.partner.transport, out)
-            del out[:]
-        self._broken = True
+
+
+class MessageReader(FrameReader):
+    """
+    The incoming side of a listener's control channel: whole messages, at
+    most the protocol's C{maxMessagePayloadSize} bytes (1009 beyond), text
+    checked for UTF-8 (1007), go to the protocol's C{onMessage}.
+    """
+
+    __slots__ = ("_parts", "_size", "_binary")
+
+    def __init__(self, proto: HybridConnectionProtocol) -> None:
+        super().__init__(proto)
+        self._parts: list[bytes | bytearray] = []
+        self._size = 0
+        self._binary = False
+
+    def _begin(self, first: int, opcode: int, length: int, out: list[Any]) -> bool:
+        if opcode:
+            self._binary = opcode == 0x2
+            self._size = 0
+        self._size += length
+        limit = self.proto.maxMessagePayloadSize
+        if limit and self._size > limit:
+            self._fail(MESSAGE_TOO_BIG, f"message exceeds payload limit of {limit} octets", out)
+            return False
+        return True
+
+    def _piece(self, piece: memoryview, out: list[Any]) -> None:
+        assert self._unmask is not None
+        self._parts.append(self._unmask(piece))
+
+    def _frameEnd(self, out: list[Any]) -> bool:
+        if self._inMessage:
+            return True
+        parts, self._parts = self._parts, []
+        payload = b"".join(parts)
+        if not self._binary:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(INVALID_PAYLOAD, "text message is not valid UTF-8", out)
+                return False
         proto = self.proto
-        proto.forwarder = None
-        proto._protocol_violation(reason)
-        proto.dropConnection(abort=False)
+        proto.onMessage(payload, self._binary)
+        return proto.reader is self and proto.state == OPEN
 
 
 def held(proto: HybridConnectionProtocol, data: bytes) -> bool:
