@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 from twisted.internet import reactor
@@ -33,6 +34,8 @@ class Held(Protocol):
         self.data += data
 
     def connectionLost(self, reason: Any = None) -> None:
+        # Connections are closed by the reactor thread, never the loop's.
+        self.lostIn = threading.current_thread()
         self.lost.callback(None)
 
 
@@ -145,6 +148,46 @@ class KernelSpliceTests(TestCase):
         self.assertTrue(self.splice.over)
         for flow in self.splice.flows:
             self.assertIsNone(flow.pipe)
+
+
+class SpliceLoopTests(KernelSpliceTests):
+    """
+    The L{zerocopy.SpliceLoop} thread watches the spliced sockets.
+    """
+
+    async def test_oneLoopForgetsEndedSplices(self) -> None:
+        """
+        Every splice shares one loop thread; once a splice has ended its
+        sockets are no longer watched, and the connections were closed on
+        the reactor thread.
+        """
+        loop = self.splice.loop
+        self.assertIs(zerocopy.spliceLoop(reactor), loop)
+        self.assertEqual([t.name for t in threading.enumerate()].count("relaynet-splice"), 1)
+        fds = {s.fd for s in self.splice.sockets}
+        with loop.lock:
+            self.assertTrue(fds & set(loop._sockets))
+        for sock in (self.first, self.second):
+            sock.shutdown(socket.SHUT_WR)
+        await self.held[0].lost
+        await self.held[1].lost
+        with loop.lock:
+            self.assertFalse(fds & set(loop._sockets))
+        self.assertEqual({h.lostIn for h in self.held}, {threading.main_thread()})
+
+    async def test_staleEventsAreHarmless(self) -> None:
+        """
+        An event for a socket with nothing to move (as when a stale event
+        arrives for a reused descriptor) moves nothing and ends nothing.
+        """
+        with self.splice.loop.lock:
+            for sock in self.splice.sockets:
+                sock.doRead()
+                sock.doWrite()
+        self.assertFalse(self.splice.over)
+        self.first.sendall(b"still here")
+        self.first.shutdown(socket.SHUT_WR)
+        self.assertEqual(await deferToThread(readAll, self.second), b"hello second\nstill here")
 
 
 class PipePoolTests(TestCase):
