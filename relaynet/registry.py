@@ -51,10 +51,11 @@ class IListenerChannel(Interface):
         Whether the listener's outbox can take another message.
         """
 
-    def sendCommand(command: dict[str, Any], body: bytes | None = None) -> None:
+    def sendCommand(command: dict[str, Any] | bytes, body: bytes | None = None) -> None:
         """
-        Send one JSON command (C{accept} or C{request}) to the listener, and
-        C{body}, if given, as the binary message right after it.
+        Send one JSON command (C{accept} or C{request}, a dict or already
+        encoded) to the listener, and C{body}, if given, as the binary
+        message right after it.
         """
 
 
@@ -79,7 +80,7 @@ class IListenerRegistry(Interface):
         """
 
     def deliver(
-        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None = None
+        entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any] | bytes], body: bytes | None = None
     ) -> Deferred[IListenerChannel]:
         """
         Send a command to one listener of C{entity}, chosen at random.
@@ -148,7 +149,7 @@ class MemoryRegistry:
         return True
 
     def deliver(
-        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any]], body: bytes | None = None
+        self, entity: Entity, makeCommand: Callable[[IListenerChannel], dict[str, Any] | bytes], body: bytes | None = None
     ) -> Deferred[IListenerChannel]:
         channels = self._listeners.get(entity.key)
         if not channels:

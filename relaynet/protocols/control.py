@@ -36,11 +36,15 @@ POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
 
 
+#: Compact JSON, made once: json.dumps with options makes an encoder a call.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encodeCommand(command: dict[str, Any]) -> bytes:
     """
     A command as the UTF-8 JSON text the control channel carries.
     """
-    return json.dumps(command, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _encoder.encode(command).encode("utf-8")
 
 
 def closeReason(text: str) -> bytes:
@@ -168,8 +172,8 @@ class ControlChannel:
         # ends the connection if the listener never reads that far.
         self.close(FELL_BEHIND, f"Fell behind: {missed} events missed.")
 
-    def sendCommand(self, command: dict[str, Any], body: bytes | None = None) -> None:
-        encoded = encodeCommand(command)
+    def sendCommand(self, command: dict[str, Any] | bytes, body: bytes | None = None) -> None:
+        encoded = command if isinstance(command, bytes) else encodeCommand(command)
         limit = self.relay.settings.maxControlMessage
         if len(encoded) > limit or (body is not None and len(body) > limit):
             raise BadRequest(f"The request is too large for the listener's control channel ({limit} bytes).")

@@ -14,6 +14,7 @@ Nothing is held whole: each side stops reading while the other cannot keep up.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,14 @@ def errorBody(request: Request, error: RelayError) -> tuple[str, bytes]:
             "</RelayError></env:Detail></env:Fault></env:Body></env:Envelope>"
         ).encode("utf-8")
     return "application/json", json.dumps({"error": {"code": error.code, "message": error.reason}}).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=64)
+def _jsonText(text: str) -> bytes:
+    """
+    C{text} as it appears inside a JSON string (the relay's few addresses).
+    """
+    return json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8")
 
 
 def respondWithError(request: Request, error: RelayError) -> None:
@@ -250,6 +259,7 @@ class HttpExchange:
         self.entity: Entity | None = None
         self.suffix = ""
         self._credentialHeader: str | None = None
+        self._info: HandshakeInfo | None = None
         request.notifyFinish().addErrback(lambda _: self._senderGone())
 
     # The sender's side.
@@ -297,8 +307,10 @@ class HttpExchange:
             raise PayloadTooLarge(f"A message may have at most {limit} bytes.")
 
     def _token(self) -> str | None:
-        query = dict(reversed(parse_qsl(self.uri.partition("?")[2], keep_blank_values=True)))
-        token = self.request.getHeader("servicebusauthorization") or query.get("sb-hc-token")
+        token = self.request.getHeader("servicebusauthorization")
+        if token is None:
+            query = dict(reversed(parse_qsl(self.uri.partition("?")[2], keep_blank_values=True)))
+            token = query.get("sb-hc-token") or None
         if token is None:
             authorization = self.request.getHeader("authorization") or ""
             if authorization.startswith("SharedAccessSignature "):
@@ -307,8 +319,10 @@ class HttpExchange:
         return token
 
     def _handshakeInfo(self) -> HandshakeInfo:
+        if self._info is not None:
+            return self._info
         peer = self.request.getClientAddress()
-        return HandshakeInfo(
+        self._info = HandshakeInfo(
             host=self.request.getHeader("host") or "",
             secure=self.request.isSecure(),
             path=self.uri,
@@ -318,6 +332,7 @@ class HttpExchange:
             peerHost=getattr(peer, "host", ""),
             peerPort=getattr(peer, "port", 0),
         )
+        return self._info
 
     def bodyReceived(self, data: bytes) -> None:
         if self.error is not None or self.finished:
@@ -348,16 +363,16 @@ class HttpExchange:
             self._handOn(b"".join(self._body))
             return
         body = b"".join(self._body) if self._expectedBody else None
-        command = self._fullRequest(body is not None)
+        encoded = encodeCommand(self._fullRequest(body is not None))
         limit = self._controlLimit()
-        if len(encodeCommand(command)) > limit or (body is not None and len(body) > limit):
+        if len(encoded) > limit or (body is not None and len(body) > limit):
             # Too large for the control channel after all (long headers):
             # the listener comes to a rendezvous for it.
             self.overRendezvous = True
             self._deliver({"request": {"address": self._address(), "id": self.rendezvousId}}, None)
             return
         self._body = []
-        self._deliver(command, body)
+        self._deliver(encoded, body)
 
     def _handOn(self, body: bytes) -> None:
         """
@@ -455,14 +470,19 @@ class HttpExchange:
     def _hostname(self) -> str:
         return self._handshakeInfo().hostname or "relaynet"
 
-    def _deliver(self, command: dict[str, Any], body: bytes | None) -> None:
+    def _deliver(self, command: dict[str, Any] | bytes, body: bytes | None) -> None:
+        """
+        Send C{command} to a listener; its address starts with C{{base}},
+        replaced by the relay's address as the listener reaches it (in the
+        encoded command, the first C{{base}} is the address's: it comes
+        first).
+        """
         assert self.entity is not None
-        address = command["request"]["address"]
+        encoded = command if isinstance(command, bytes) else encodeCommand(command)
 
-        def makeCommand(channel: IListenerChannel) -> dict[str, Any]:
+        def makeCommand(channel: IListenerChannel) -> bytes:
             self.channel = channel
-            command["request"]["address"] = address.replace("{base}", channel.rendezvousBase, 1)
-            return command
+            return encoded.replace(b"{base}", _jsonText(channel.rendezvousBase), 1)
 
         self.relay.exchanges[self.rendezvousId] = self
         self._deadline = self.relay.clock.callLater(self._timeout(), self._timedOut)

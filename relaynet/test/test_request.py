@@ -204,6 +204,21 @@ class ControlChannelRequestTests(SynchronousTestCase):
             set(request), {"address", "id", "requestTarget", "method", "requestHeaders", "remoteEndpoint", "body"}
         )
 
+    def test_addressFilledInOnce(self) -> None:
+        """
+        The address names the relay as the listener reached it; text like
+        the placeholder the relay uses for it, elsewhere in the request,
+        is left alone.
+        """
+        h = HttpHarness()
+        listener = h.listen()
+        h.request("GET", "/hyco?x={base}", headers=[("X-Template", "{base}/a \u00e9")])
+        [(_, payload)] = listener.messages()
+        request = json.loads(payload)["request"]
+        self.assertEqual(request["address"], f"ws://{HOST}/$hc/hyco?x={{base}}&sb-hc-action=request&sb-hc-id={request['id']}")
+        self.assertEqual(request["requestHeaders"]["X-Template"], "{base}/a \u00e9")
+        self.assertEqual(request["requestTarget"], "/hyco?x={base}")
+
     def test_emptyBodyIsBodyFalse(self) -> None:
         h = HttpHarness()
         listener = h.listen()
