@@ -86,6 +86,8 @@ from zope.interface import implementer
 
 from relaynet.auth import SasToken
 from relaynet.protocols.websocket import ClockTimer, DirectIO, cancelTimers, stripRelayParameters
+from relaynet.protocols.control import encodeCommand
+from relaynet.protocols.frames import clientFrame, writeNow
 from relaynet.streams import (
     CloseWaiters,
     RelayAddress,
@@ -212,8 +214,8 @@ class _BodyCollector(Protocol):
             self.done.errback(reason)
 
 
-def _json(command: Mapping[str, Any]) -> bytes:
-    return json.dumps(command, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+def _json(command: dict[str, Any]) -> bytes:
+    return encodeCommand(command)
 
 
 def _responseHeaders(headers: Iterable[tuple[str, str]] | Mapping[str, str], bodiless: bool) -> dict[str, str]:
@@ -1498,7 +1500,7 @@ class HybridListener:
 
     # The control channel.
 
-    def _sendControl(self, command: Mapping[str, Any], body: bytes | None = None) -> bool:
+    def _sendControl(self, command: dict[str, Any], body: bytes | None = None) -> bool:
         """
         Send a command, and its body as the next message.  All control
         channel writes go through here, each whole within one call, so a
@@ -1509,9 +1511,12 @@ class HybridListener:
         proto = self._control
         if proto is None or proto.state != proto.STATE_OPEN:
             return False
-        proto.sendMessage(_json(command), isBinary=False)
+        # Framed here and written at once: one system call, and nothing of
+        # autobahn's can land between a command and its body.
+        frames = clientFrame(0x81, _json(command))
         if body is not None:
-            proto.sendMessage(body, isBinary=True)
+            frames += clientFrame(0x82, body)
+        writeNow(proto.transport, frames)
         return True
 
     def _controlMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -185,11 +185,11 @@ class MemoryRegistry:
         return fail(ServerBusy(f"Every listener of {entity.name} is behind: try again later."))
 
 
-class RandomHex:
+class RandomPool:
     """
-    Random hex strings from the operating system's CSPRNG, read 4 KiB at a
-    time rather than with a system call for each (every relayed request
-    needs one).  Each byte is used once; a forked child starts afresh.
+    Random bytes from the operating system's CSPRNG, read 4 KiB at a time
+    rather than with a system call for each (every relayed request needs
+    some).  Each byte is handed out once; a forked child starts afresh.
     """
 
     def __init__(self, size: int = 4096) -> None:
@@ -197,16 +197,20 @@ class RandomHex:
         self._pool = bytearray()
         os.register_at_fork(after_in_child=self._pool.clear)
 
-    def __call__(self, nbytes: int) -> str:
+    def take(self, nbytes: int) -> bytes:
         pool = self._pool
         if len(pool) < nbytes:
             pool[:] = os.urandom(max(self._size, nbytes))
-        chunk = pool[:nbytes]
+        chunk = bytes(pool[:nbytes])
         del pool[:nbytes]
-        return chunk.hex()
+        return chunk
+
+    def hex(self, nbytes: int) -> str:
+        return self.take(nbytes).hex()
 
 
-randomHex = RandomHex()
+randomPool = RandomPool()
+randomHex = randomPool.hex
 
 
 def newConnectionId(clientId: str | None) -> str:

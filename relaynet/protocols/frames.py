@@ -40,6 +40,8 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import tcp
 
+from relaynet.registry import randomPool
+
 if TYPE_CHECKING:
     from relaynet.protocols.splice import Leg
     from relaynet.protocols.websocket import HybridConnectionProtocol
@@ -51,7 +53,7 @@ try:
 except ImportError:  # pragma: no cover - autobahn without its NVX build
     _ffi = _lib = None
 
-__all__ = ["FrameForwarder", "FrameReader", "MessageReader", "Unmasker", "held", "serverHeader", "writeNow"]
+__all__ = ["clientFrame", "FrameForwarder", "FrameReader", "MessageReader", "Unmasker", "held", "serverHeader", "writeNow"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
 PROTOCOL_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_PROTOCOL_ERROR
@@ -68,7 +70,7 @@ MAX_HELD = 64
 MAX_PIECES = 64
 #: Below this, a payload piece is unmasked in Python (cheaper than a call
 #: into the compiled masker).
-SMALL = 128
+SMALL = 256
 #: Bytes of a read joined to a partial header to complete it (a control
 #: frame is at most 6 + 125).
 _PROBE = 256
@@ -86,9 +88,22 @@ def serverHeader(first: int, length: int) -> bytes:
     return struct.pack("!BBQ", first, 127, length)
 
 
+def clientFrame(first: int, payload: bytes) -> list[bytes | bytearray]:
+    """
+    One whole frame as a client sends it (RFC 6455 section 5.3): the header
+    with a fresh masking key from the CSPRNG, then the masked payload.
+    """
+    length = len(payload)
+    key = randomPool.take(4)
+    head = serverHeader(first, length)
+    head = bytes((head[0], head[1] | 0x80)) + head[2:] + key
+    return [head, Unmasker(key, length)(memoryview(payload))] if length else [head]
+
+
 class Unmasker:
     """
-    Unmasks one frame's payload, piece by piece, with its 4-byte key.
+    Unmasks one frame's payload, piece by piece, with its 4-byte key (or
+    masks it: the same XOR).
     """
 
     __slots__ = ("key", "done", "_nvx", "_keep")

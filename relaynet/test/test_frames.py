@@ -19,7 +19,16 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relaynet.protocols.frames import MAX_HELD, SMALL, FrameForwarder, MessageReader, Unmasker, serverHeader, writeNow
+from relaynet.protocols import frames
+from relaynet.protocols.frames import (
+    MAX_HELD,
+    SMALL,
+    FrameForwarder,
+    MessageReader,
+    Unmasker,
+    serverHeader,
+    writeNow,
+)
 from relaynet.test.support import parseFrames, waitFor
 from relaynet.test.test_websocket import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Harness, Peer, clientFrame
 
@@ -62,6 +71,25 @@ class ServerHeaderTests(SynchronousTestCase):
             self.assertFalse(head[1] & 0x80)
         payload = b"x" * 70000
         self.assertEqual(parseFrames(serverHeader(0x81, len(payload)) + payload), [(True, TEXT, payload)])
+
+
+class ClientFrameTests(SynchronousTestCase):
+    """
+    L{frames.clientFrame} masks what a client sends with a fresh key each time.
+    """
+
+    def test_maskedAndReadable(self) -> None:
+        keys = set()
+        for size in (0, 1, 125, 126, 300, 70000):
+            payload = os.urandom(size)
+            wire = b"".join(frames.clientFrame(0x82, payload))
+            self.assertTrue(wire[1] & 0x80, size)
+            self.assertEqual(parseFrames(wire), [(True, BINARY, payload)], size)
+            header = len(serverHeader(0x82, size))
+            keys.add(wire[header : header + 4])
+            if size >= 4:
+                self.assertNotEqual(wire[header + 4 :], payload, size)
+        self.assertEqual(len(keys), 6)
 
 
 class UnmaskerTests(SynchronousTestCase):

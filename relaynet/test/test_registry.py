@@ -21,7 +21,7 @@ from relaynet.registry import (
     IListenerRegistry,
     MemoryRegistry,
     RendezvousTable,
-    RandomHex,
+    RandomPool,
     newConnectionId,
 )
 
@@ -257,24 +257,25 @@ class NewConnectionIdTests(SynchronousTestCase):
         self.assertNotEqual(first, second)
 
 
-class RandomHexTests(SynchronousTestCase):
+class RandomPoolTests(SynchronousTestCase):
     """
-    L{RandomHex} hands out each pooled random byte once.
+    L{RandomPool} hands out each pooled random byte once.
     """
 
     def test_poolRefillsAndNeverRepeats(self) -> None:
-        draw = RandomHex(size=64)
+        draw = RandomPool(size=64).hex
         values = [draw(12) for _ in range(200)]
         self.assertTrue(all(re.fullmatch(r"[0-9a-f]{24}", v) for v in values))
         self.assertEqual(len(set(values)), 200)
         self.assertEqual(len(draw(100)), 200)
+        self.assertEqual(len(RandomPool(size=8).take(5) + RandomPool(size=8).take(20)), 25)
 
     def test_forkedChildStartsAfresh(self) -> None:
         """
         A child forked with bytes left in the pool does not hand out the
         parent's next values.
         """
-        draw = RandomHex()
+        draw = RandomPool().hex
         draw(1)
         read, write = os.pipe()
         pid = os.fork()
