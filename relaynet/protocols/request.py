@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote
 from xml.sax.saxutils import escape
@@ -42,6 +44,7 @@ from relaynet.errors import (
     safeReason,
 )
 from relaynet.protocols.control import encodeCommand
+from relaynet.protocols.frames import writeNow
 from relaynet.protocols.splice import ReadSide
 from relaynet.protocols.websocket import stripRelayParameters
 from relaynet.registry import IListenerChannel, newConnectionId
@@ -162,6 +165,56 @@ class RelayHttpChannel(HTTPChannel):
     # but twisted.web asks for both on every request (a getsockname call).
     _host: Any = None
     _secure: bool | None = None
+
+    # What a response made in one go writes (batched()), sent at its end
+    # with one system call, straight to the socket when it can be.
+    _batch: list[bytes] | None = None
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """
+        Gather the writes made inside into one.
+        """
+        if self._batch is not None or self.transport is None:
+            yield
+            return
+        batch: list[bytes] = []
+        self._batch = batch
+        try:
+            yield
+        finally:
+            self._batch = None
+            if batch and self.transport is not None:
+                writeNow(self.transport, batch)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        batch = self._batch
+        if batch is None:
+            super().writeHeaders(version, code, reason, headers)
+            return
+        if not isinstance(headers, Headers):
+            # (twisted.web passes Headers; pairs are sanitized as it does.)
+            pairs, headers = headers, Headers()
+            for name, value in pairs:
+                headers.addRawHeader(name, value)
+        # As twisted.web writes them (Headers has sanitized names and values).
+        batch += (version, b" ", code, b" ", reason, b"\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                batch += (name, b": ", value, b"\r\n")
+        batch.append(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
+            super().write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        if self._batch is not None:
+            self._batch.extend(iovec)
+        else:
+            super().writeSequence(iovec)
 
     def getHost(self) -> Any:
         if self._host is None:
@@ -580,7 +633,8 @@ class HttpExchange:
         if not hasBody:
             if not keepLength:
                 request.setHeader("content-length", "0")
-            self._finish()
+            with self._batched():
+                self._finish()
             return False
         if overLeg:
             assert self.leg is not None and self.leg.transport is not None
@@ -595,10 +649,11 @@ class HttpExchange:
         """
         if self.finished:
             return
-        if self.method.upper() != "HEAD" and self.request.code not in _NO_BODY:
-            self.request.setHeader("content-length", str(len(body)))
-            self.request.write(body)
-        self._finish()
+        with self._batched():
+            if self.method.upper() != "HEAD" and self.request.code not in _NO_BODY:
+                self.request.setHeader("content-length", str(len(body)))
+                self.request.write(body)
+            self._finish()
 
     def responseData(self, data: bytes) -> None:
         if self.finished:
@@ -645,6 +700,13 @@ class HttpExchange:
             self._fail(BadGateway("The listener went away before it answered."))
 
     # Endings.
+
+    def _batched(self) -> Any:
+        """
+        A response made in one go is written with one system call.
+        """
+        channel = self.request.channel
+        return channel.batched() if isinstance(channel, RelayHttpChannel) else nullcontext()
 
     def _finish(self) -> None:
         self.finished = True

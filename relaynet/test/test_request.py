@@ -515,6 +515,22 @@ class ControlChannelResponseTests(SynchronousTestCase):
         response = sender.answered()
         self.assertEqual((response.status, response.reason), (201, "Created It"))
 
+    def test_responseInOneWrite(self) -> None:
+        """
+        A response that comes whole on the control channel, with a body or
+        without, reaches the sender's connection in one write.
+        """
+        for body in (b"some body", None):
+            _, listener, sender, rid = self._exchange()
+            writes: list[bytes] = []
+            original = sender.transport.write
+            sender.transport.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+            respond(listener, rid, body)
+            response = sender.answered()
+            self.assertEqual(len(writes), 1, body)
+            self.assertEqual(response.body, body or b"")
+            self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes[0])
+
     def test_statusCodeAsNumericString(self) -> None:
         _, listener, sender, rid = self._exchange()
         respond(listener, rid, b"x", statusCode="202")
