@@ -3,8 +3,8 @@
 Reading clients' WebSocket frames without autobahn's parser, for the two
 busiest kinds of socket on the relay.
 
-L{FrameForwarder}: once two WebSocket legs are spliced, each side's incoming
-bytes go through one.  For every data frame it reads the header, writes the
+L{relaynet.protocols.splice.Leg}: once two WebSocket legs are spliced, each
+side's incoming bytes go through its leg, a L{FrameReader}.  For every data frame it reads the header, writes the
 partner an unmasked header for the same frame (same opcode, same FIN bit,
 same length) and then passes the payload on, unmasked, piece by piece as it
 arrives: no frame or message is held, and the frame boundaries, text and
@@ -23,7 +23,7 @@ RFC 6455 is closed with 1002 (1009 for a control message that is too big,
 The relay writes frames of its own to a leg (a pong, a close when it stops)
 only between two of the frames forwarded to it: while a forwarded frame is
 half-written, the leg holds them (L{HybridConnectionProtocol.sendData}) and
-the forwarder releases them when the frame ends.
+the leg forwarding to it releases them when the frame ends.
 
 On plain TCP, L{writeNow} writes to a socket directly when Twisted holds
 nothing for it, which saves a trip through the reactor per write;
@@ -43,7 +43,6 @@ from twisted.internet import tcp
 from relaynet.registry import randomPool
 
 if TYPE_CHECKING:
-    from relaynet.protocols.splice import Leg
     from relaynet.protocols.websocket import HybridConnectionProtocol
 
 try:
@@ -53,7 +52,7 @@ try:
 except ImportError:  # pragma: no cover - autobahn without its NVX build
     _ffi = _lib = None
 
-__all__ = ["clientFrame", "FrameForwarder", "FrameReader", "MessageReader", "Unmasker", "held", "serverHeader", "writeNow"]
+__all__ = ["clientFrame", "FrameReader", "MessageReader", "Unmasker", "held", "serverHeader", "writeNow"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
 PROTOCOL_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_PROTOCOL_ERROR
@@ -388,53 +387,6 @@ class FrameReader:
         self._fail(PROTOCOL_ERROR, reason, out)
 
 
-class FrameForwarder(FrameReader):
-    """
-    The incoming side of one spliced WebSocket leg: its peer's frames go to
-    the partner leg's peer.  A leg that breaks the protocol is closed with
-    1002 and dropped, and the splice ends the other.
-
-    @ivar leg: the leg's L{Leg}, which knows whether the partner is open.
-    @ivar partner: the partner leg's protocol, to which everything goes.
-    """
-
-    __slots__ = ("leg", "partner", "_to")
-
-    def __init__(self, proto: HybridConnectionProtocol, leg: Leg, partner: HybridConnectionProtocol) -> None:
-        super().__init__(proto)
-        self.leg = leg
-        self.partner = partner
-        # Where the current frame goes (None: dropped, the partner is
-        # closing or gone).
-        self._to: HybridConnectionProtocol | None = None
-
-    def _begin(self, first: int, opcode: int, length: int, out: list[Any]) -> bool:
-        target = self.leg._target()
-        self._to = target
-        if target is not None:
-            out.append(serverHeader(first, length))
-            if length and target._held is None:
-                target._held = []
-        return True
-
-    def _piece(self, piece: memoryview, out: list[Any]) -> None:
-        if self._to is not None:
-            assert self._unmask is not None
-            out.append(self._unmask(piece))
-
-    def _frameEnd(self, out: list[Any]) -> bool:
-        # What the relay held for the partner meanwhile may follow.
-        target, self._to = self._to, None
-        if target is not None and target._held is not None:
-            held, target._held = target._held, None
-            out.extend(held)
-        return True
-
-    def _flush(self, out: list[Any]) -> None:
-        if out:
-            writeNow(self.partner.transport, out)
-
-
 class MessageReader(FrameReader):
     """
     The incoming side of a listener's control channel: whole messages, at
@@ -446,7 +398,8 @@ class MessageReader(FrameReader):
 
     def __init__(self, proto: HybridConnectionProtocol) -> None:
         super().__init__(proto)
-        self._parts: list[bytes | bytearray] = []
+        # The message being read (made when one is: most listeners are idle).
+        self._parts: list[bytes | bytearray] | None = None
         self._size = 0
         self._binary = False
 
@@ -463,13 +416,15 @@ class MessageReader(FrameReader):
 
     def _piece(self, piece: memoryview, out: list[Any]) -> None:
         assert self._unmask is not None
+        if self._parts is None:
+            self._parts = []
         self._parts.append(self._unmask(piece))
 
     def _frameEnd(self, out: list[Any]) -> bool:
         if self._inMessage:
             return True
-        parts, self._parts = self._parts, []
-        payload = b"".join(parts)
+        parts, self._parts = self._parts, None
+        payload = b"".join(parts) if parts else b""
         if not self._binary:
             try:
                 payload.decode("utf-8")

@@ -5,9 +5,9 @@ Splicing a sender's WebSocket to a listener's rendezvous WebSocket.
 Messages pass frame by frame as they arrive, text stays text and binary stays
 binary, and nothing is buffered in the relay: when one side's send buffer is
 full the relay stops reading the other side (end-to-end backpressure).  Once
-both sides are open, each side's frames go through a
-L{relaynet.protocols.frames.FrameForwarder}; L{Leg}'s frame methods pass on
-what autobahn parsed before that (frames that came with a handshake).
+both sides are open, each L{Leg} reads its peer's frames itself
+(L{relaynet.protocols.frames.FrameReader}); its message methods pass on what
+autobahn parsed before that (frames that came with a handshake).
 
 A close from one side is passed on to the other without being answered, so
 the other side may still send (half-close); its close is then passed back,
@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IPushProducer, ITransport
 from zope.interface import implementer
+
+from relaynet.protocols.frames import FrameReader, serverHeader, writeNow
 
 if TYPE_CHECKING:
     from relaynet.protocols.websocket import HybridConnectionProtocol
@@ -54,21 +56,30 @@ class ReadSide:
         pass
 
 
-class Leg:
+class Leg(FrameReader):
     """
     One side of a splice: the frames its peer sends go to the partner.
+
+    Once both sides are open the leg reads its peer's frames itself (a
+    L{FrameReader}): it writes the partner an unmasked header for each data
+    frame and passes the payload on as it arrives.  Frames autobahn parsed
+    before that (those that came with a handshake) come through
+    L{messageBegin}, L{frameBegin}, L{frameData} and L{messageEnd}.
     """
 
     # Two per relayed connection, for as long as it lasts.
-    __slots__ = ("proto", "partner", "halfClosed", "_binary", "_started")
+    __slots__ = ("partner", "halfClosed", "_binary", "_started", "_to")
 
     def __init__(self, proto: HybridConnectionProtocol) -> None:
-        self.proto = proto
+        super().__init__(proto)
         self.partner: Leg | None = None
         self.halfClosed = False
         self._binary = True
         # Whether the partner's copy of the message has begun.
         self._started = False
+        # Where the frame being read goes (None: dropped, the partner is
+        # closing or gone).
+        self._to: HybridConnectionProtocol | None = None
 
     @property
     def transport(self) -> Any:
@@ -78,6 +89,36 @@ class Leg:
         if self.partner is not None and self.partner.proto.state == OPEN:
             return self.partner.proto
         return None
+
+    # Reading frames (FrameReader).
+
+    def _begin(self, first: int, opcode: int, length: int, out: list[Any]) -> bool:
+        target = self._target()
+        self._to = target
+        if target is not None:
+            out.append(serverHeader(first, length))
+            if length and target._held is None:
+                target._held = []
+        return True
+
+    def _piece(self, piece: memoryview, out: list[Any]) -> None:
+        if self._to is not None:
+            assert self._unmask is not None
+            out.append(self._unmask(piece))
+
+    def _frameEnd(self, out: list[Any]) -> bool:
+        # What the relay held for the partner meanwhile may follow.
+        target, self._to = self._to, None
+        if target is not None and target._held is not None:
+            held, target._held = target._held, None
+            out.extend(held)
+        return True
+
+    def _flush(self, out: list[Any]) -> None:
+        if out and self.partner is not None:
+            writeNow(self.partner.proto.transport, out)
+
+    # What autobahn parsed.
 
     def messageBegin(self, isBinary: bool) -> None:
         self._binary = isBinary

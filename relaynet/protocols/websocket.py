@@ -34,7 +34,7 @@ from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
 from relaynet.protocols.control import GOING_AWAY, ControlChannel
-from relaynet.protocols.frames import FrameForwarder, FrameReader, MessageReader, held
+from relaynet.protocols.frames import FrameReader, MessageReader, held
 from relaynet.protocols.native import BridgeLeg, NativeParty, NativeUpgrade, isNativeUpgrade
 from relaynet.protocols.pubsub import EVENT_ID_PREFIX, DiscardLeg
 from relaynet.protocols.splice import Leg, splice
@@ -127,8 +127,7 @@ class PendingSender:
             self.result.callback(protocol if protocol in self.offered else None)
             if sender.state == sender.STATE_OPEN:
                 splice(sender.role, listener.role)
-                sender.reader = FrameForwarder(sender, sender.role, listener)
-                listener.reader = FrameForwarder(listener, listener.role, sender)
+                sender.reader, listener.reader = sender.role, listener.role
             else:
                 listener.dropConnection(abort=True)
         else:

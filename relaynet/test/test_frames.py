@@ -23,12 +23,12 @@ from relaynet.protocols import frames
 from relaynet.protocols.frames import (
     MAX_HELD,
     SMALL,
-    FrameForwarder,
     MessageReader,
     Unmasker,
     serverHeader,
     writeNow,
 )
+from relaynet.protocols.splice import Leg
 from relaynet.test.support import parseFrames, waitFor
 from relaynet.test.test_websocket import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Harness, Peer, clientFrame
 
@@ -129,12 +129,12 @@ class ForwardingTests(SynchronousTestCase):
     Spliced legs pass each other's frames exactly, read in any pieces.
     """
 
-    def test_spliceInstallsForwarders(self) -> None:
+    def test_spliceMakesEachLegItsReader(self) -> None:
         _, sender, accepted = _pair()
-        self.assertIsInstance(sender.proto.reader, FrameForwarder)
-        self.assertIsInstance(accepted.proto.reader, FrameForwarder)
-        self.assertIs(sender.proto.reader.partner, accepted.proto)
-        self.assertIs(accepted.proto.reader.partner, sender.proto)
+        self.assertIsInstance(sender.proto.reader, Leg)
+        self.assertIs(sender.proto.reader, sender.proto.role)
+        self.assertIs(accepted.proto.reader, accepted.proto.role)
+        self.assertIs(sender.proto.role.partner, accepted.proto.role)
 
     @settings(max_examples=60, deadline=None)
     @given(
