@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - autobahn without its NVX build
 __all__ = ["clientFrame", "FrameReader", "MessageReader", "Unmasker", "held", "serverHeader", "writeNow"]
 
 OPEN = WebSocketProtocol.STATE_OPEN
+CLOSED = WebSocketProtocol.STATE_CLOSED
 PROTOCOL_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_PROTOCOL_ERROR
 INVALID_PAYLOAD = WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD
 MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG
@@ -217,9 +218,10 @@ class FrameReader:
         out: list[Any] = []
         view = memoryview(data)
         going = True
-        if self._head:
-            # Complete the header from the first bytes only, rather than
-            # copying the whole read behind it.
+        while self._head and view and going:
+            # Complete a header (or a control frame) from the next few bytes
+            # only, rather than copying the whole read behind it; again if
+            # those end inside another one.
             head, self._head = self._head, b""
             going = self._feed(memoryview(head + bytes(view[:_PROBE])), out)
             view = view[_PROBE:]
@@ -365,7 +367,9 @@ class FrameReader:
         if not going:
             self.proto.reader = None
         self.proto._dataReceived(frame)
-        return going and self.proto.state == OPEN
+        # Closing (a close was sent): the peer may still send, and a
+        # fragmented message may still be under way; closed: nothing more.
+        return going and self.proto.state != CLOSED
 
     def _fail(self, code: int, reason: str, out: list[Any]) -> None:
         """
@@ -433,7 +437,7 @@ class MessageReader(FrameReader):
                 return False
         proto = self.proto
         proto.onMessage(payload, self._binary)
-        return proto.reader is self and proto.state == OPEN
+        return proto.reader is self and proto.state != CLOSED
 
 
 def held(proto: HybridConnectionProtocol, data: bytes) -> bool:

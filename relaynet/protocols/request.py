@@ -178,14 +178,28 @@ class RelayHttpChannel(HTTPChannel):
         if self._batch is not None or self.transport is None:
             yield
             return
-        batch: list[bytes] = []
-        self._batch = batch
+        self._batch = []
         try:
             yield
         finally:
+            self._sendBatch()
             self._batch = None
-            if batch and self.transport is not None:
+
+    def _sendBatch(self) -> None:
+        """
+        Send what was gathered so far; what follows is gathered anew.
+        """
+        batch = self._batch
+        if batch:
+            self._batch = []
+            if self.transport is not None:
                 writeNow(self.transport, batch)
+
+    def requestDone(self, request: Any) -> None:
+        # The response is complete: it goes before anything twisted.web
+        # writes itself for a pipelined request next (100 Continue, 400).
+        self._sendBatch()
+        super().requestDone(request)
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         batch = self._batch

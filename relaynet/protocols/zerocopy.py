@@ -42,6 +42,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorFDSet, IReactorThreads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = ["KernelSplice", "PipePool", "SpliceLoop", "available"]
 
@@ -139,7 +140,12 @@ class _Flow:
         for _ in range(ROUNDS):
             if self.done or not self._drain():
                 return
-            pipe = self.pipe or _pool.take()
+            try:
+                pipe = self.pipe or _pool.take()
+            except OSError as e:
+                # No descriptors left for a pipe.
+                self.owner.fail(e)
+                return
             try:
                 moved = os.splice(self.source.fd, pipe.write, pipe.size, flags=_FLAGS)
             except BlockingIOError:
@@ -273,6 +279,7 @@ class SpliceLoop:
         self._epoll = select.epoll()
         self._sockets: dict[int, _Socket] = {}
         self._wake, self._waker = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
         self._epoll.register(self._wake, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="relaynet-splice", daemon=True)
         self._thread.start()
@@ -295,9 +302,27 @@ class SpliceLoop:
             self._epoll.register(sock.fd, mask)
         elif known:
             del self._sockets[sock.fd]
-            self._epoll.unregister(sock.fd)
+            try:
+                self._epoll.unregister(sock.fd)
+            except OSError:
+                # Already gone from the set (closed): nothing to forget.
+                pass
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            # Not expected: every splice it had is ended rather than left
+            # hanging, and the next splice starts a new loop.
+            self.reactor.callFromThread(log.failure, "the splice loop failed", failure=Failure())
+            self._forget()
+            with self.lock:
+                for owner in {sock.owner for sock in list(self._sockets.values())}:
+                    owner.fail(ConnectionAbortedError("the splice loop failed"))
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
         poll, lock, sockets = self._epoll.poll, self.lock, self._sockets
         readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
         writable = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -311,20 +336,44 @@ class SpliceLoop:
                     # its number taken by a new one): a flow that finds
                     # nothing to move does nothing.
                     sock = sockets.get(fd)
-                    if sock is not None and sock.reading and event & readable:
-                        sock.doRead()
-                    sock = sockets.get(fd)
-                    if sock is not None and sock.writing and event & writable:
-                        sock.doWrite()
+                    try:
+                        if sock is not None and sock.reading and event & readable:
+                            sock.doRead()
+                        sock = sockets.get(fd)
+                        if sock is not None and sock.writing and event & writable:
+                            sock.doWrite()
+                    except Exception as e:
+                        # A splice that fails in a way the flows do not
+                        # expect ends; the others go on.
+                        self.reactor.callFromThread(log.failure, "splice failed", failure=Failure())
+                        if sock is not None:
+                            sock.owner.fail(e)
 
     def stop(self) -> None:
         """
         End the thread (the splices it had are left as they are).
         """
+        self._forget()
+        with self.lock:
+            if not self._closed:
+                os.write(self._waker, b"x")
+
+    def _forget(self) -> None:
+        """
+        Splices from now on start another loop.
+        """
         global _loop
-        os.write(self._waker, b"x")
         if _loop is self:
             _loop = None
+
+    def _close(self) -> None:
+        with self.lock:
+            self._closed = True
+        for close in (self._epoll.close, lambda: os.close(self._wake), lambda: os.close(self._waker)):
+            try:
+                close()
+            except OSError:
+                pass
 
 
 _loop: SpliceLoop | None = None
@@ -368,9 +417,14 @@ class KernelSplice:
             s.transport.stopWriting()
             s.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.loop.lock:
-            for flow in self.flows:
-                if not self.over:
-                    flow.start()
+            try:
+                for flow in self.flows:
+                    if not self.over:
+                        flow.start()
+            except OSError as e:
+                # The loop could not watch a socket (out of descriptors or
+                # epoll watches): end both rather than leave them unread.
+                self.fail(e)
 
     def flowDone(self) -> None:
         if all(flow.done for flow in self.flows) and not self.over:

@@ -193,6 +193,38 @@ class ForwardingTests(SynchronousTestCase):
         sender.proto.dataReceived(wire[14:])
         self.assertEqual(accepted.frames(), [(True, BINARY, payload), (True, TEXT, b"after")])
 
+    def test_headerAcrossTheProbe(self) -> None:
+        """
+        A read that starts inside a header, with a control frame or another
+        header cut where the few bytes joined to complete the first end:
+        every frame passes, every ping is answered.
+        """
+        for size in range(100, 260, 3):
+            _, sender, accepted = _pair()
+            frames = [(True, BINARY, b"hello"), (True, BINARY, bytes(size)), (True, BINARY, b"after")]
+            wire = _frame(BINARY, b"hello") + _frame(BINARY, bytes(size)) + _frame(PING, b"p" * 100)
+            wire += _frame(BINARY, b"after")
+            sender.proto.dataReceived(wire[:1])
+            sender.proto.dataReceived(wire[1:])
+            self.assertEqual(accepted.frames(), frames, size)
+            self.assertEqual([p for _, opcode, p in sender.frames() if opcode == PONG], [b"p" * 100], size)
+
+    def test_controlFramesWhileClosing(self) -> None:
+        """
+        A side the relay passed a close to may still finish a fragmented
+        message, with pings and pongs in between.
+        """
+        for control in (PING, PONG):
+            _, sender, accepted = _pair()
+            sender.proto.dataReceived(_frame(BINARY, b"part1", fin=False))
+            accepted.send(CLOSE, (1000).to_bytes(2, "big") + b"bye")
+            self.assertEqual(sender.closes(), [(1000, b"bye")])
+            sender.proto.dataReceived(_frame(control, b"ka"))
+            sender.proto.dataReceived(_frame(CONTINUATION, b"part2"))
+            self.assertEqual(accepted.messages(), [(BINARY, b"part1part2")], control)
+            sender.proto.dataReceived(_frame(CLOSE, (1000).to_bytes(2, "big")))
+            self.assertEqual(accepted.closes(), [(1000, b"")], control)
+
     def test_framesThatCameWithTheHandshake(self) -> None:
         """
         Frames the listener sent in the same read as its rendezvous

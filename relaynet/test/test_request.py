@@ -531,6 +531,24 @@ class ControlChannelResponseTests(SynchronousTestCase):
             self.assertEqual(response.body, body or b"")
             self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes[0])
 
+    def test_pipelinedRequestAnswersFollow(self) -> None:
+        """
+        What twisted.web writes itself for a pipelined request (100
+        Continue, or 400 for a bad one) follows the response before it.
+        """
+        for second, first in (
+            (httpRequest("POST", headers=[("Expect", "100-continue"), ("Content-Length", "3")]), b"HTTP/1.1 100"),
+            (b"BROKEN\r\n\r\n", b"HTTP/1.1 400"),
+        ):
+            h = HttpHarness()
+            listener = h.listen()
+            sender = h.sender(httpRequest("GET") + second)
+            respond(listener, lastRequest(listener)["id"], b"first answer")
+            data = sender.transport.value()
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            self.assertTrue(rest.startswith(b"first answer" + first), data)
+
     def test_statusCodeAsNumericString(self) -> None:
         _, listener, sender, rid = self._exchange()
         respond(listener, rid, b"x", statusCode="202")

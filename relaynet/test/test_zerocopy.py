@@ -5,6 +5,7 @@ L{relaynet.protocols.zerocopy.KernelSplice} on real TCP connections on
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -188,6 +189,37 @@ class SpliceLoopTests(KernelSpliceTests):
         self.first.sendall(b"still here")
         self.first.shutdown(socket.SHUT_WR)
         self.assertEqual(await deferToThread(readAll, self.second), b"hello second\nstill here")
+
+
+class SpliceFailureTests(KernelSpliceTests):
+    """
+    A splice that fails in the loop ends both its connections; the loop
+    goes on for the others.
+    """
+
+    async def _endsAlone(self) -> None:
+        loop = self.splice.loop
+        self.first.sendall(b"trigger")
+        await self.held[0].lost
+        await self.held[1].lost
+        self.assertTrue(self.splice.over)
+        self.assertTrue(loop._thread.is_alive())
+        self.assertIs(zerocopy.spliceLoop(reactor), loop)
+
+    async def test_unexpectedError(self) -> None:
+        def broken(flow: Any) -> None:
+            raise RuntimeError("a bug in a flow")
+
+        self.patch(zerocopy._Flow, "readable", broken)
+        await self._endsAlone()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_noDescriptorForAPipe(self) -> None:
+        def exhausted() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(zerocopy._pool, "take", exhausted)
+        await self._endsAlone()
 
 
 class PipePoolTests(TestCase):
