@@ -109,6 +109,9 @@ _pool = PipePool()
 #: The first read of an event (L{_Flow.readable}); used by the loop's
 #: thread only.
 _small = bytearray(16384)
+#: A splice that moves less than this switches a flow back to reading into
+#: memory (bulk traffic seldom does, while its sink keeps up).
+BACK_TO_SMALL = 4096
 
 
 class _Flow:
@@ -147,7 +150,7 @@ class _Flow:
         instead: a small message (request/response traffic) costs the
         kernel less as a C{recv} and a C{send} than as two splices through
         a pipe.  A read that fills the buffer means bulk, which goes on
-        through the pipe until a splice moves less than the buffer holds.
+        through the pipe until a splice moves less than L{BACK_TO_SMALL}.
         """
         if self.done or not self._drain():
             return
@@ -213,7 +216,7 @@ class _Flow:
                 self._drain()
                 return
             self.inPipe += moved
-            if moved < len(_small):
+            if moved < BACK_TO_SMALL:
                 self.small = True
             if moved < pipe.size:
                 # The source had less than a pipe-full: most likely all it
