@@ -214,10 +214,6 @@ class _BodyCollector(Protocol):
             self.done.errback(reason)
 
 
-def _json(command: dict[str, Any]) -> bytes:
-    return encodeCommand(command)
-
-
 def _responseHeaders(headers: Iterable[tuple[str, str]] | Mapping[str, str], bodiless: bool) -> dict[str, str]:
     """
     The C{responseHeaders} object: one string per name, repeated headers
@@ -641,7 +637,7 @@ class RelayedHttpRequest:
                 self._lose(Failure(ConnectionLost("The control channel is closed.")))
                 return
         else:
-            rendezvous.sendMessage(_json(command), isBinary=False)
+            rendezvous.sendMessage(encodeCommand(command), isBinary=False)
             if body is not None:
                 rendezvous.sendMessage(body, isBinary=True)
         self._done()
@@ -673,7 +669,7 @@ class RelayedHttpRequest:
             return
         self._rendezvous = proto
         self._listener._forget(self)
-        proto.sendMessage(_json(self._command(True)), isBinary=False)
+        proto.sendMessage(encodeCommand(self._command(True)), isBinary=False)
         proto.beginMessage(isBinary=True)
         self._state = _STREAMING
         buffered, self._buffer, self._buffered = self._buffer, [], 0
@@ -1513,7 +1509,7 @@ class HybridListener:
             return False
         # Framed here and written at once: one system call, and nothing of
         # autobahn's can land between a command and its body.
-        frames = clientFrame(0x81, _json(command))
+        frames = clientFrame(0x81, encodeCommand(command))
         if body is not None:
             frames += clientFrame(0x82, body)
         writeNow(proto.transport, frames)

@@ -106,28 +106,31 @@ class Unmasker:
     masks it: the same XOR).
     """
 
-    __slots__ = ("key", "done", "_nvx", "_keep")
+    __slots__ = ("key", "done", "_nvx", "_nvxKey", "_fallback")
 
     def __init__(self, key: bytes, length: int) -> None:
         self.key = key
         self.done = 0
+        # The compiled masker, and the key buffer it points into (kept
+        # alive with it); or autobahn's own masker where NVX is not built.
         self._nvx: Any = None
-        self._keep: Any = None
+        self._nvxKey: Any = None
+        self._fallback: Any = None
         if length >= SMALL:
             if _lib is not None:
-                self._keep = _ffi.new("uint8_t[4]", key)
-                self._nvx = _ffi.gc(_lib.nvx_xormask_new(self._keep), _lib.nvx_xormask_free)
+                self._nvxKey = _ffi.new("uint8_t[4]", key)
+                self._nvx = _ffi.gc(_lib.nvx_xormask_new(self._nvxKey), _lib.nvx_xormask_free)
                 _lib.nvx_xormask_set_impl(self._nvx, 2)
             else:  # pragma: no cover - autobahn without its NVX build
-                self._keep = create_xor_masker(key, length)
+                self._fallback = create_xor_masker(key, length)
 
     def __call__(self, piece: memoryview) -> bytes | bytearray:
         n = len(piece)
         if self._nvx is not None:
             out: bytes | bytearray = bytearray(piece)
             _lib.nvx_xormask_process(self._nvx, _ffi.from_buffer(out), n)
-        elif self._keep is not None:  # pragma: no cover - autobahn without its NVX build
-            out = self._keep.process(bytes(piece))
+        elif self._fallback is not None:  # pragma: no cover - autobahn without its NVX build
+            out = self._fallback.process(bytes(piece))
         else:
             shift = self.done & 3
             key = self.key[shift:] + self.key[:shift]
@@ -351,8 +354,9 @@ class FrameReader:
 
     def _flush(self, out: list[Any]) -> None:
         """
-        Send what was gathered in C{out}, if anything.
+        Send what was gathered in C{out}, if anything, and empty it.
         """
+        del out[:]
 
     def _control(self, frame: bytes, opcode: int, out: list[Any]) -> bool:
         """
@@ -362,7 +366,6 @@ class FrameReader:
         @return: whether the reader goes on reading (not after a close).
         """
         self._flush(out)
-        del out[:]
         going = opcode != _CLOSE
         if not going:
             self.proto.reader = None
@@ -377,7 +380,6 @@ class FrameReader:
         read.
         """
         self._flush(out)
-        del out[:]
         self._broken = True
         proto = self.proto
         proto.reader = None

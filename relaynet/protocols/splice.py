@@ -117,6 +117,7 @@ class Leg(FrameReader):
     def _flush(self, out: list[Any]) -> None:
         if out and self.partner is not None:
             writeNow(self.partner.proto.transport, out)
+        del out[:]
 
     # What autobahn parsed.
 

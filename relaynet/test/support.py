@@ -131,7 +131,10 @@ class Recorder:
         self.requests.append(request)
 
 
-def _unmask(payload: bytes, mask: bytes) -> bytes:
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """
+    C{payload} XORed with the 4-byte C{mask} (masking and unmasking alike).
+    """
     key = (mask * (len(payload) // 4 + 1))[: len(payload)]
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
 
@@ -153,7 +156,7 @@ def parseFrames(data: bytes) -> list[tuple[bool, int, bytes]]:
         if masked:
             mask, at = data[at : at + 4], at + 4
         payload = data[at : at + length]
-        frames.append((fin, opcode, _unmask(payload, mask) if mask else payload))
+        frames.append((fin, opcode, unmask(payload, mask) if mask else payload))
         data = data[at + length :]
     return frames
 

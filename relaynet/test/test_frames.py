@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from relaynet.protocols import frames
 from relaynet.protocols.frames import (
     MAX_HELD,
+    MAX_PIECES,
     SMALL,
     MessageReader,
     Unmasker,
@@ -29,22 +30,10 @@ from relaynet.protocols.frames import (
     writeNow,
 )
 from relaynet.protocols.splice import Leg
-from relaynet.test.support import parseFrames, waitFor
+from relaynet.test.support import parseFrames, unmask, waitFor
 from relaynet.test.test_websocket import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Harness, Peer, clientFrame
 
 PROTOCOL_ERROR = 1002
-
-
-def _xor(payload: bytes, key: bytes) -> bytes:
-    return bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def _frame(opcode: int, payload: bytes = b"", fin: bool = True, key: bytes = b"\x37\xfa\x21\x3d") -> bytes:
-    """
-    A client frame masked with C{key}.
-    """
-    head = serverHeader((0x80 if fin else 0) | opcode, len(payload))
-    return head[:1] + bytes([head[1] | 0x80]) + head[2:] + key + _xor(payload, key)
 
 
 def _pair() -> tuple[Harness, Peer, Peer]:
@@ -104,8 +93,8 @@ class UnmaskerTests(SynchronousTestCase):
         cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=8),
     )
     def test_anyCuts(self, key: bytes, payload: bytes, cuts: list[int]) -> None:
-        unmask = Unmasker(key, len(payload))
-        pieces = [bytes(unmask(memoryview(c))) for c in _chunks(_xor(payload, key), cuts)]
+        unmasker = Unmasker(key, len(payload))
+        pieces = [bytes(unmasker(memoryview(c))) for c in _chunks(unmask(payload, key), cuts)]
         self.assertEqual(b"".join(pieces), payload)
 
     def test_largeFrameInSmallPieces(self) -> None:
@@ -115,12 +104,12 @@ class UnmaskerTests(SynchronousTestCase):
         """
         key = os.urandom(4)
         payload = os.urandom(SMALL * 4 + 3)
-        masked = _xor(payload, key)
-        unmask = Unmasker(key, len(payload))
-        out = [bytes(unmask(memoryview(masked[i : i + 1]))) for i in range(len(masked))]
+        masked = unmask(payload, key)
+        unmasker = Unmasker(key, len(payload))
+        out = [bytes(unmasker(memoryview(masked[i : i + 1]))) for i in range(len(masked))]
         self.assertEqual(b"".join(out), payload)
-        unmask = Unmasker(key, len(payload))
-        out = [bytes(unmask(memoryview(masked[i : i + 131]))) for i in range(0, len(masked), 131)]
+        unmasker = Unmasker(key, len(payload))
+        out = [bytes(unmasker(memoryview(masked[i : i + 131]))) for i in range(0, len(masked), 131)]
         self.assertEqual(b"".join(out), payload)
 
 
@@ -162,18 +151,18 @@ class ForwardingTests(SynchronousTestCase):
         for kind, payload, key in frames:
             if kind == "ping":
                 payload = payload[:125]
-                wire += _frame(PING, payload, key=key)
+                wire += clientFrame(PING, payload, mask=key)
                 pongs.append(payload)
             elif kind == "fragmented":
                 half = len(payload) // 2
-                wire += _frame(BINARY, payload[:half], fin=False, key=key)
-                wire += _frame(PING, b"mid", key=key)
+                wire += clientFrame(BINARY, payload[:half], fin=False, mask=key)
+                wire += clientFrame(PING, b"mid", mask=key)
                 pongs.append(b"mid")
-                wire += _frame(CONTINUATION, payload[half:], key=key[::-1])
+                wire += clientFrame(CONTINUATION, payload[half:], mask=key[::-1])
                 expected += [(False, BINARY, payload[:half]), (True, CONTINUATION, payload[half:])]
             else:
                 opcode = TEXT if kind == "text" else BINARY
-                wire += _frame(opcode, payload, key=key)
+                wire += clientFrame(opcode, payload, mask=key)
                 expected.append((True, opcode, payload))
         for chunk in _chunks(wire, cuts):
             sender.proto.dataReceived(chunk)
@@ -187,7 +176,7 @@ class ForwardingTests(SynchronousTestCase):
         """
         _, sender, accepted = _pair()
         payload = os.urandom(70000)
-        wire = _frame(BINARY, payload) + _frame(TEXT, b"after")
+        wire = clientFrame(BINARY, payload) + clientFrame(TEXT, b"after")
         for i in range(14):
             sender.proto.dataReceived(wire[i : i + 1])
         sender.proto.dataReceived(wire[14:])
@@ -202,8 +191,8 @@ class ForwardingTests(SynchronousTestCase):
         for size in range(100, 260, 3):
             _, sender, accepted = _pair()
             frames = [(True, BINARY, b"hello"), (True, BINARY, bytes(size)), (True, BINARY, b"after")]
-            wire = _frame(BINARY, b"hello") + _frame(BINARY, bytes(size)) + _frame(PING, b"p" * 100)
-            wire += _frame(BINARY, b"after")
+            wire = clientFrame(BINARY, b"hello") + clientFrame(BINARY, bytes(size)) + clientFrame(PING, b"p" * 100)
+            wire += clientFrame(BINARY, b"after")
             sender.proto.dataReceived(wire[:1])
             sender.proto.dataReceived(wire[1:])
             self.assertEqual(accepted.frames(), frames, size)
@@ -216,13 +205,13 @@ class ForwardingTests(SynchronousTestCase):
         """
         for control in (PING, PONG):
             _, sender, accepted = _pair()
-            sender.proto.dataReceived(_frame(BINARY, b"part1", fin=False))
+            sender.proto.dataReceived(clientFrame(BINARY, b"part1", fin=False))
             accepted.send(CLOSE, (1000).to_bytes(2, "big") + b"bye")
             self.assertEqual(sender.closes(), [(1000, b"bye")])
-            sender.proto.dataReceived(_frame(control, b"ka"))
-            sender.proto.dataReceived(_frame(CONTINUATION, b"part2"))
+            sender.proto.dataReceived(clientFrame(control, b"ka"))
+            sender.proto.dataReceived(clientFrame(CONTINUATION, b"part2"))
             self.assertEqual(accepted.messages(), [(BINARY, b"part1part2")], control)
-            sender.proto.dataReceived(_frame(CLOSE, (1000).to_bytes(2, "big")))
+            sender.proto.dataReceived(clientFrame(CLOSE, (1000).to_bytes(2, "big")))
             self.assertEqual(accepted.closes(), [(1000, b"")], control)
 
     def test_framesThatCameWithTheHandshake(self) -> None:
@@ -261,7 +250,7 @@ class HeldWritesTests(SynchronousTestCase):
     def _halfFrame(self) -> tuple[Harness, Peer, Peer, bytes, bytes]:
         h, sender, accepted = _pair()
         payload = os.urandom(1000)
-        wire = _frame(BINARY, payload)
+        wire = clientFrame(BINARY, payload)
         sender.proto.dataReceived(wire[:500])
         return h, sender, accepted, payload, wire[500:]
 
@@ -318,22 +307,22 @@ class ViolationTests(SynchronousTestCase):
         self._violate(b"\x82\x03abc")
 
     def test_reservedBits(self) -> None:
-        self._violate(bytes([0xC2]) + _frame(BINARY, b"abc")[1:])
+        self._violate(bytes([0xC2]) + clientFrame(BINARY, b"abc")[1:])
 
     def test_reservedOpcode(self) -> None:
-        self._violate(_frame(3, b"abc"))
+        self._violate(clientFrame(3, b"abc"))
 
     def test_continuationFirst(self) -> None:
-        self._violate(_frame(CONTINUATION, b"abc"))
+        self._violate(clientFrame(CONTINUATION, b"abc"))
 
     def test_newMessageInsideFragmented(self) -> None:
-        self._violate(_frame(TEXT, b"ab", fin=False), _frame(BINARY, b"c"), passed=((False, TEXT, b"ab"),))
+        self._violate(clientFrame(TEXT, b"ab", fin=False), clientFrame(BINARY, b"c"), passed=((False, TEXT, b"ab"),))
 
     def test_longPing(self) -> None:
-        self._violate(_frame(PING, b"p" * 126))
+        self._violate(clientFrame(PING, b"p" * 126))
 
     def test_fragmentedPing(self) -> None:
-        self._violate(_frame(PING, b"p", fin=False))
+        self._violate(clientFrame(PING, b"p", fin=False))
 
 
 class _Sink(Protocol):
@@ -371,6 +360,17 @@ class WriteNowTests(TestCase):
         self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
         await waitFor(lambda: len(sink.received) == 14)
         self.assertEqual(bytes(sink.received), b"head-body-tail")
+
+    async def test_manyPiecesJoined(self) -> None:
+        """
+        More pieces than L{MAX_PIECES} (sendmsg takes at most 1024) go out
+        joined, in order.
+        """
+        transport, sink = await self._connection()
+        pieces = [bytes([i % 256]) * 3 for i in range(MAX_PIECES * 20)]
+        writeNow(transport, pieces)
+        await waitFor(lambda: len(sink.received) == 3 * len(pieces))
+        self.assertEqual(bytes(sink.received), b"".join(pieces))
 
     async def test_behindBufferedBytes(self) -> None:
         """
@@ -440,9 +440,9 @@ class MessageReaderTests(SynchronousTestCase):
             size = -(-len(payload) // fragments) or 1
             parts = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
             for i, part in enumerate(parts):
-                wire += _frame(opcode if i == 0 else CONTINUATION, part, fin=i == len(parts) - 1)
+                wire += clientFrame(opcode if i == 0 else CONTINUATION, part, fin=i == len(parts) - 1)
                 if i == 0:
-                    wire += _frame(PING, b"hi")
+                    wire += clientFrame(PING, b"hi")
             expected.append((payload, binary))
         for chunk in _chunks(wire, cuts):
             listener.proto.dataReceived(chunk)
@@ -457,8 +457,8 @@ class MessageReaderTests(SynchronousTestCase):
         """
         h, listener, got = self._listener()
         limit = h.relay.settings.maxControlMessage
-        listener.proto.dataReceived(_frame(BINARY, b"x" * (limit // 2), fin=False))
-        listener.proto.dataReceived(_frame(CONTINUATION, b"x" * (limit // 2 + 1)))
+        listener.proto.dataReceived(clientFrame(BINARY, b"x" * (limit // 2), fin=False))
+        listener.proto.dataReceived(clientFrame(CONTINUATION, b"x" * (limit // 2 + 1)))
         self.assertEqual(got, [])
         self.assertEqual([c for c, _ in listener.closes()], [1009])
         h.settle()
@@ -467,13 +467,13 @@ class MessageReaderTests(SynchronousTestCase):
 
     def test_textNotUtf8(self) -> None:
         h, listener, got = self._listener()
-        listener.proto.dataReceived(_frame(TEXT, b'{"x": "\xff"}'))
+        listener.proto.dataReceived(clientFrame(TEXT, b'{"x": "\xff"}'))
         self.assertEqual(got, [])
         self.assertEqual([c for c, _ in listener.closes()], [1007])
 
     def test_closeHandsBackToAutobahn(self) -> None:
         h, listener, got = self._listener()
-        listener.proto.dataReceived(_frame(TEXT, b"{}") + _frame(CLOSE, (1000).to_bytes(2, "big")))
+        listener.proto.dataReceived(clientFrame(TEXT, b"{}") + clientFrame(CLOSE, (1000).to_bytes(2, "big")))
         self.assertEqual(got, [(b"{}", False)])
         self.assertIsNone(listener.proto.reader)
         self.assertEqual(listener.closes(), [(1000, b"")])

@@ -29,7 +29,7 @@ from relaynet.protocols.websocket import (
     HybridConnectionResource,
     stripRelayParameters,
 )
-from relaynet.test.support import FakeTcp, headerValue, parseFrames, reassemble
+from relaynet.test.support import FakeTcp, headerValue, parseFrames, reassemble, unmask
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = "c2VjcmV0LWtleS1mb3ItdW5pdC10ZXN0cy1vbmx5LTE="
@@ -45,11 +45,10 @@ def token(entity: str, expiry: int = NOW + 3600, key: str = KEY) -> str:
     return mintToken(f"http://{HOST}/{entity}", KEY_NAME, key, expiry)
 
 
-def clientFrame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+def clientFrame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bytes = b"\x37\xfa\x21\x3d") -> bytes:
     """
     One masked frame, as a client sends it.
     """
-    mask = b"\x37\xfa\x21\x3d"
     head = bytes([(0x80 if fin else 0) | opcode])
     length = len(payload)
     if length < 126:
@@ -58,7 +57,7 @@ def clientFrame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
         head += bytes([0x80 | 126]) + length.to_bytes(2, "big")
     else:
         head += bytes([0x80 | 127]) + length.to_bytes(8, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + unmask(payload, mask)
 
 
 class Peer:

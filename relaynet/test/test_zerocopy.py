@@ -191,6 +191,42 @@ class SpliceLoopTests(KernelSpliceTests):
         self.assertEqual(await deferToThread(readAll, self.second), b"hello second\nstill here")
 
 
+class SmallAndBulkTests(KernelSpliceTests):
+    """
+    Small traffic goes through memory; bulk through a pipe, until it is
+    small again.
+    """
+
+    async def test_pipesOnlyForBulk(self) -> None:
+        taken: list[Any] = []
+        take = zerocopy._pool.take
+
+        def counting() -> Any:
+            taken.append(1)
+            return take()
+
+        self.patch(zerocopy._pool, "take", counting)
+        flow = self.splice.flows[0]
+
+        async def through(payload: bytes, expected: bytes) -> None:
+            await deferToThread(self.first.sendall, payload)
+            got = bytearray()
+            while len(got) < len(expected):
+                got += await deferToThread(self.second.recv, 1 << 20)
+            self.assertEqual(bytes(got), expected)
+
+        await through(b"small", b"hello second\nsmall")
+        self.assertEqual((taken, flow.small), ([], True))
+        bulk = os.urandom(8 << 20)
+        await through(bulk, bulk)
+        self.assertTrue(taken)
+        before = len(taken)
+        for _ in range(3):
+            await through(b"small again", b"small again")
+        self.assertTrue(flow.small)
+        self.assertLessEqual(len(taken), before + 1)
+
+
 class SpliceFailureTests(KernelSpliceTests):
     """
     A splice that fails in the loop ends both its connections; the loop
@@ -213,6 +249,29 @@ class SpliceFailureTests(KernelSpliceTests):
         self.patch(zerocopy._Flow, "readable", broken)
         await self._endsAlone()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_loopFails(self) -> None:
+        """
+        If the loop itself fails, its splices end, and the next splice
+        starts a new loop.
+        """
+
+        class Broken(BaseException):
+            pass
+
+        def broken(flow: Any) -> None:
+            raise Broken()
+
+        loop = self.splice.loop
+        self.patch(zerocopy._Flow, "readable", broken)
+        self.first.sendall(b"trigger")
+        await self.held[0].lost
+        await self.held[1].lost
+        self.assertTrue(self.splice.over)
+        await deferToThread(loop._thread.join, 10)
+        self.assertFalse(loop._thread.is_alive())
+        self.assertIsNot(zerocopy.spliceLoop(reactor), loop)
+        self.assertEqual(len(self.flushLoggedErrors(Broken)), 1)
 
     async def test_noDescriptorForAPipe(self) -> None:
         def exhausted() -> Any:
