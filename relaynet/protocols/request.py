@@ -63,7 +63,7 @@ ONE_WAY_HEADER = "Relay-Oneway"
 DELIVERED_HEADER = "Relay-Delivered-To"
 MAX_HEADER_BYTES = 32 * 1024
 # Hop-by-hop headers (RFC 9110 7.6.1) and the relay's own credential.
-_HOP_BY_HOP = {
+_HOP_BY_HOP = frozenset({
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -74,7 +74,9 @@ _HOP_BY_HOP = {
     "close",
     "content-length",
     "servicebusauthorization",
-}
+})
+_BODY_LENGTH = frozenset({"content-length"})
+_HOP_BY_HOP_BUT_LENGTH = _HOP_BY_HOP - _BODY_LENGTH
 _NO_BODY = {204, 304}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -287,6 +289,12 @@ class RelayRequest(Request):
             return
         self.exchange.requestEnded()
 
+    def connectionLost(self, reason: Any) -> None:
+        # (What notifyFinish would tell, without a Deferred per request.)
+        super().connectionLost(reason)
+        if self.exchange is not None:
+            self.exchange.senderGone()
+
 
 class HttpExchange:
     """
@@ -327,7 +335,6 @@ class HttpExchange:
         self.suffix = ""
         self._credentialHeader: str | None = None
         self._info: HandshakeInfo | None = None
-        request.notifyFinish().addErrback(lambda _: self._senderGone())
 
     # The sender's side.
 
@@ -517,19 +524,27 @@ class HttpExchange:
         }
 
     def _requestHeaders(self) -> dict[str, str]:
-        named = {t.strip().lower() for v in self.request.requestHeaders.getRawHeaders("connection", []) for t in v.split(",")}
-        dropped = _HOP_BY_HOP | named | ({self._credentialHeader} if self._credentialHeader else set())
-        if self._expectedBody:
-            # Not in the wire contract, but apps on hyco-https (Express's
-            # body parsers) only read a body whose length is announced.
-            dropped = dropped - {"content-length"}
+        requestHeaders = self.request.requestHeaders
+        # Not in the wire contract, but apps on hyco-https (Express's body
+        # parsers) only read a body whose length is announced.
+        dropped = _HOP_BY_HOP_BUT_LENGTH if self._expectedBody else _HOP_BY_HOP
+        connection = requestHeaders.getRawHeaders("connection")
+        if connection or self._credentialHeader:
+            named = {token.strip().lower() for value in connection or () for token in value.split(",")}
+            if self._credentialHeader:
+                named.add(self._credentialHeader)
+            dropped = (_HOP_BY_HOP | named) - (_BODY_LENGTH if self._expectedBody else set())
         headers: dict[str, str] = {}
-        for rawName, rawValues in self.request.requestHeaders.getAllRawHeaders():
+        for rawName, rawValues in requestHeaders.getAllRawHeaders():
             name = rawName.decode("latin-1")
-            if name.lower() in dropped:
+            lower = name.lower()
+            if lower in dropped:
                 continue
-            separator = "; " if name.lower() == "cookie" else ", "
-            headers[name] = separator.join(v.decode("latin-1") for v in rawValues)
+            if len(rawValues) == 1:
+                headers[name] = rawValues[0].decode("latin-1")
+            else:
+                separator = "; " if lower == "cookie" else ", "
+                headers[name] = separator.join(v.decode("latin-1") for v in rawValues)
         via = f"1.1 {self._hostname()}"
         headers["Via"] = f"{headers['Via']}, {via}" if "Via" in headers else via
         return headers
@@ -552,7 +567,7 @@ class HttpExchange:
             return encoded.replace(b"{base}", _jsonText(channel.rendezvousBase), 1)
 
         self.relay.exchanges[self.rendezvousId] = self
-        self._deadline = self.relay.clock.callLater(self._timeout(), self._timedOut)
+        self._deadline = self.relay.clock.callLater(self._timeout(), self._expired)
         d = self.relay.registry.deliver(self.entity, makeCommand, body)
         d.addCallbacks(self._delivered, self._notDelivered)
 
@@ -569,14 +584,25 @@ class HttpExchange:
             error = RelayError("Internal server error.")
         self._fail(error)
 
-    def _timedOut(self) -> None:
+    def _expired(self) -> None:
+        """
+        The exchange's one deadline passed: no response in time, or a
+        response body that stalled.
+        """
         self._deadline = None
-        self._fail(
-            GatewayTimeout(
-                "The request was routed to the listener but the listener did not respond in the required time. "
-                f"TrackingId:{self.rendezvousId}"
+        if not self.responding:
+            self._fail(
+                GatewayTimeout(
+                    "The request was routed to the listener but the listener did not respond in the required time. "
+                    f"TrackingId:{self.rendezvousId}"
+                )
             )
-        )
+            return
+        log.info("{method} {uri}: the response body stalled", method=self.method, uri=self.path)
+        if self.request.startedWriting:
+            self._abort()
+        else:
+            self._fail(GatewayTimeout("The listener did not send its response body in the required time."))
 
     # The rendezvous.
 
@@ -628,7 +654,6 @@ class HttpExchange:
         except (TypeError, ValueError):
             self._fail(BadGateway("The listener's response has no valid final statusCode (200 to 999)."))
             return bool(response.get("body"))
-        self._cancelDeadline()
         self.responding = True
         request = self.request
         description = response.get("statusDescription") or http.RESPONSES.get(code, b"").decode("latin-1")
@@ -681,16 +706,11 @@ class HttpExchange:
         A streamed response body moved: it may now pause for another
         request timeout, and no longer.
         """
-        self._cancelDeadline()
-        self._deadline = self.relay.clock.callLater(self._timeout(), self._stalled)
-
-    def _stalled(self) -> None:
-        self._deadline = None
-        log.info("{method} {uri}: the response body stalled", method=self.method, uri=self.path)
-        if self.request.startedWriting:
-            self._abort()
+        if self._deadline is not None and self._deadline.active():
+            # Moving a deadline later costs a field; a new one, a heap entry.
+            self._deadline.reset(self._timeout())
         else:
-            self._fail(GatewayTimeout("The listener did not send its response body in the required time."))
+            self._deadline = self.relay.clock.callLater(self._timeout(), self._expired)
 
     def _timeout(self) -> float:
         assert self.entity is not None
@@ -763,7 +783,10 @@ class HttpExchange:
         if transport is not None:
             transport.abortConnection()
 
-    def _senderGone(self) -> None:
+    def senderGone(self) -> None:
+        """
+        The sender's connection is gone.
+        """
         if not self.finished:
             self.finished = True
             self._cleanUp()

@@ -945,6 +945,25 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(code, 1011)
         self.assertEqual(h.relay.exchanges, {})
 
+    def test_bodyAnnouncedButNeverSent(self) -> None:
+        """
+        A response on the control channel that announces a body and never
+        sends it gets a 504 one request timeout after the response, not
+        after the request.
+        """
+        h = HttpHarness(settings=RelaySettings(requestTimeout=10))
+        listener = h.listen()
+        sender = h.request("GET")
+        h.clock.advance(6)
+        respond(listener, lastRequest(listener)["id"], body=True)
+        h.clock.advance(9.9)
+        self.assertIsNone(sender.response)
+        h.clock.advance(0.1)
+        response = sender.answered()
+        self.assertEqual(response.status, 504)
+        self.assertIn("did not send its response body", response.json()["error"]["message"])
+        self.assertEqual(h.relay.exchanges, {})
+
 
 class LostConnectionTests(SynchronousTestCase):
     """
