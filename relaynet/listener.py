@@ -87,7 +87,7 @@ from zope.interface import implementer
 from relaynet.auth import SasToken
 from relaynet.protocols.websocket import ClockTimer, DirectIO, cancelTimers, stripRelayParameters
 from relaynet.protocols.control import encodeCommand
-from relaynet.protocols.frames import clientFrame, writeNow
+from relaynet.protocols.frames import MessageReader, clientFrame, writeNow
 from relaynet.streams import (
     CloseWaiters,
     RelayAddress,
@@ -125,6 +125,13 @@ FLUSH_DELAY = 2.0
 """
 Seconds a response may sit in the buffer after its first write before it
 goes to a rendezvous anyway, as with .NET: streamed responses keep flowing.
+"""
+
+MAX_CONTROL_MESSAGE = 1024 * 1024
+"""
+The largest message the listener reads on its control channel (a command,
+or a request body: the relay sends at most 64 KiB of body there); a larger
+one closes the channel with 1009, and the listener connects again.
 """
 
 DEFAULT_TOKEN_RENEW_INTERVAL = 45 * 60.0
@@ -194,6 +201,9 @@ def readBody(request: RelayedHttpRequest) -> Deferred[bytes]:
     @return: a L{Deferred} that fires with the body, or fails if the body
         broke off.
     """
+    whole = request._body.takeWhole()
+    if whole is not None:
+        return succeed(whole)
     collector = _BodyCollector()
     request.deliverBody(collector)
     return collector.done
@@ -236,6 +246,11 @@ def _responseHeaders(headers: Iterable[tuple[str, str]] | Mapping[str, str], bod
     return joined
 
 
+_COMPLETE = object()
+# What a body taken whole (takeWhole) has in place of a protocol.
+_TAKEN = Protocol()
+
+
 @implementer(IPushProducer)
 class _RequestBody:
     """
@@ -253,7 +268,10 @@ class _RequestBody:
         self._protocol: IProtocol | None = None
         self._queue: deque[bytes] = deque()
         self._queued = 0
-        self._end: Failure | None = None
+        # None while the body comes; _COMPLETE once it has all come (its
+        # Failure is made only for a protocol that is told), or why it
+        # broke off.
+        self._end: Failure | object | None = None
         self._endDelivered = False
         self._paused = False
         self._stopped = False
@@ -285,8 +303,23 @@ class _RequestBody:
         The body is complete, or (with a C{reason}) broke off.
         """
         if self._end is None:
-            self._end = reason or Failure(ConnectionDone("The request body is complete."))
+            self._end = reason or _COMPLETE
             self._flush()
+
+    def takeWhole(self) -> bytes | None:
+        """
+        The whole body at once, if it has all come and nobody reads it yet
+        (as a body that came on the control channel has); L{None} otherwise.
+        It can then not be delivered to a protocol.
+        """
+        if self._end is not _COMPLETE or self._protocol is not None or self._stopped:
+            return None
+        self._protocol = _TAKEN
+        self._endDelivered = True
+        whole = b"".join(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        return whole
 
     # IPushProducer, for the handler's protocol.
 
@@ -320,7 +353,10 @@ class _RequestBody:
                     protocol.dataReceived(chunk)
                 if not self._queue and self._end is not None and not self._endDelivered and not self._stopped:
                     self._endDelivered = True
-                    protocol.connectionLost(self._end)
+                    end = self._end
+                    if end is _COMPLETE:
+                        end = Failure(ConnectionDone("The request body is complete."))
+                    protocol.connectionLost(end)  # type: ignore[arg-type]
             except Exception:
                 log.failure("the request body's protocol failed; the rest of the body is dropped")
                 self._stopped, self._endDelivered = True, True
@@ -800,7 +836,13 @@ class _Client(CloseWaiters, DirectIO, WebSocketClientProtocol):  # type: ignore[
 class _ControlChannel(_Client):
     """
     The listener's control channel: one JSON command per text message.
+    Once open, its messages are read by a L{MessageReader} rather than
+    autobahn's parser.
     """
+
+    def onOpen(self) -> None:
+        self.reader = MessageReader(self, masked=False)
+        super().onOpen()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.listener._controlMessage(payload, isBinary)
@@ -1256,6 +1298,7 @@ class HybridListener:
         factory.setProtocolOptions(
             autoPingInterval=self._pingInterval or 0,
             autoPingTimeout=self._pingTimeout or 0,
+            maxMessagePayloadSize=MAX_CONTROL_MESSAGE,
         )
         self._control = proto
         try:

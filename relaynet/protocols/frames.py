@@ -11,7 +11,9 @@ arrives: no frame or message is held, and the frame boundaries, text and
 binary, and fragmentation are kept exactly.
 
 L{MessageReader}: a listener's control channel reads whole messages with
-one, within the channel's size limit.
+one, within the channel's size limit; so does the other end of it, a
+L{relaynet.listener.HybridListener}, whose reader takes the server's
+unmasked frames (C{masked=False}).
 
 Both hand control frames whole (at most 131 bytes) to the autobahn protocol,
 which answers pings, takes pongs, and runs the closing handshake as before
@@ -178,7 +180,7 @@ def writeNow(transport: Any, pieces: list[Any]) -> None:
 
 class FrameReader:
     """
-    Reads a client's frames on an open WebSocket in place of autobahn's
+    Reads a peer's frames on an open WebSocket in place of autobahn's
     parser: the headers are checked here and each payload is handed to the
     subclass piece by piece as it arrives; control frames go whole to
     autobahn.
@@ -186,10 +188,17 @@ class FrameReader:
     @ivar proto: the protocol whose C{dataReceived} feeds L{feed}.
     """
 
-    __slots__ = ("proto", "_ready", "_head", "_left", "_unmask", "_inMessage", "_broken")
+    __slots__ = ("proto", "_masked", "_ready", "_head", "_left", "_unmask", "_inMessage", "_broken")
 
-    def __init__(self, proto: HybridConnectionProtocol) -> None:
+    def __init__(self, proto: Any, masked: bool = True) -> None:
+        """
+        @param proto: the autobahn protocol whose C{dataReceived} feeds
+            L{feed}.
+        @param masked: whether frames come masked, as from a client (the
+            relay's side), or unmasked, as from a server (a listener's).
+        """
         self.proto = proto
+        self._masked = masked
         self._ready = False
         # The start of a frame header (or of a control frame) read so far.
         self._head = b""
@@ -260,11 +269,12 @@ class FrameReader:
                 break
             first = view[pos]
             second = view[pos + 1]
-            if not second & 0x80:
-                self._violation("unmasked frame from a client", out)
+            masked = self._masked
+            if bool(second & 0x80) != masked:
+                self._violation("unmasked frame from a client" if masked else "masked frame from a server", out)
                 return False
             length = second & 0x7F
-            size = 6 if length < 126 else 8 if length == 126 else 14
+            size = (2 if length < 126 else 4 if length == 126 else 10) + (4 if masked else 0)
             if avail < size:
                 break
             opcode = first & 0x0F
@@ -285,10 +295,9 @@ class FrameReader:
                     return self._stop(view[pos:])
                 continue
             self._inMessage = not first & 0x80
-            key = bytes(view[pos + size - 4 : pos + size])
+            self._unmask = Unmasker(bytes(view[pos + size - 4 : pos + size]), length) if length and masked else None
             pos += size
             self._left = length
-            self._unmask = Unmasker(key, length) if length else None
             if not self._begin(first, opcode, length, out):
                 return False
             if not length and not self._frameEnd(out):
@@ -310,7 +319,7 @@ class FrameReader:
 
     def _check(self, first: int, opcode: int, length: int) -> str | None:
         """
-        What is wrong with a (masked) frame header, if anything.
+        What is wrong with a frame header, if anything.
         """
         if first & 0x70:
             return "reserved bits set, but no extension was agreed"
@@ -332,7 +341,8 @@ class FrameReader:
 
     def _begin(self, first: int, opcode: int, length: int, out: list[Any]) -> bool:
         """
-        A data frame's header was read (its unmasker is ready).
+        A data frame's header was read (its unmasker is ready, if it is
+        masked).
 
         @return: whether the reader goes on reading.
         """
@@ -340,7 +350,7 @@ class FrameReader:
 
     def _piece(self, piece: memoryview, out: list[Any]) -> None:
         """
-        Some of the current frame's payload, still masked.
+        Some of the current frame's payload, still masked if it is.
         """
         raise NotImplementedError
 
@@ -402,8 +412,8 @@ class MessageReader(FrameReader):
 
     __slots__ = ("_parts", "_size", "_binary")
 
-    def __init__(self, proto: HybridConnectionProtocol) -> None:
-        super().__init__(proto)
+    def __init__(self, proto: Any, masked: bool = True) -> None:
+        super().__init__(proto, masked)
         # The message being read (made when one is: most listeners are idle).
         self._parts: list[bytes | bytearray] | None = None
         self._size = 0
@@ -421,10 +431,10 @@ class MessageReader(FrameReader):
         return True
 
     def _piece(self, piece: memoryview, out: list[Any]) -> None:
-        assert self._unmask is not None
         if self._parts is None:
             self._parts = []
-        self._parts.append(self._unmask(piece))
+        unmask = self._unmask
+        self._parts.append(unmask(piece) if unmask is not None else bytes(piece))
 
     def _frameEnd(self, out: list[Any]) -> bool:
         if self._inMessage:

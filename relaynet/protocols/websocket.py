@@ -259,9 +259,16 @@ class DirectIO:
 
     send_queue: Any
     transport: Any
+    # Once set, and once autobahn is between messages, frames go through
+    # this reader rather than autobahn's parser (relaynet.protocols.frames).
+    reader: FrameReader | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        self._dataReceived(data)  # type: ignore[attr-defined]
+        reader = self.reader
+        if reader is not None and reader.ready():
+            reader.feed(data)
+        else:
+            self._dataReceived(data)  # type: ignore[attr-defined]
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue:
@@ -282,10 +289,9 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
     factory: HybridConnectionFactory
     info: HandshakeInfo
     role: Any = None
-    # A spliced leg's or a control channel's frames go through its reader;
-    # frames the relay writes to a leg wait in _held while a forwarded one
-    # is half-written (relaynet.protocols.frames).
-    reader: FrameReader | None = None
+    # A spliced leg's or a control channel's frames go through its reader
+    # (DirectIO); frames the relay writes to a leg wait in _held while a
+    # forwarded one is half-written (relaynet.protocols.frames).
     _held: list[bytes] | None = None
     _pendingId: str | None = None
     _pendingSender: Pending | None = None
@@ -313,13 +319,6 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
     @property
     def relay(self) -> Relay:
         return self.factory.relay
-
-    def dataReceived(self, data: bytes) -> None:
-        reader = self.reader
-        if reader is not None and reader.ready():
-            reader.feed(data)
-        else:
-            self._dataReceived(data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if self._held is None or not held(self, data):

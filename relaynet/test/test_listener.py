@@ -16,6 +16,8 @@ import hashlib
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
@@ -35,6 +37,7 @@ from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
 from relaynet.listener import (
     CONTROL_BODY_LIMIT,
     FLUSH_DELAY,
+    MAX_CONTROL_MESSAGE,
     STABLE_SECONDS,
     AcceptRequest,
     HttpListener,
@@ -45,6 +48,7 @@ from relaynet.listener import (
     readBody,
     sasTokenProvider,
 )
+from relaynet.protocols.frames import MessageReader
 from relaynet.streams import RelayAddress
 from relaynet.test.support import FakeTcp, Recorder, RecordingProducer, headerValue, parseFrames, reassemble
 
@@ -502,6 +506,20 @@ class ControlChannelRequestTests(SynchronousTestCase):
         self.assertTrue(chunks.ended.check(ConnectionDone))
         verifyObject(IPushProducer, chunks.transport)
 
+    def test_readBodyTakesItWhole(self) -> None:
+        """
+        C{readBody} takes a body that came on the control channel whole, at
+        once; it cannot be delivered again afterwards.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest(method="POST", body=True))
+        control.send(BINARY, b"abc")
+        [request] = h.handler.requests
+        self.assertEqual(self.successResultOf(readBody(request)), b"abc")
+        self.assertRaises(RuntimeError, request.deliverBody, Chunks())
+        self.assertRaises(RuntimeError, readBody, request)
+
     def test_deliverBodyOnce(self) -> None:
         h = Harness()
         control = h.listen()
@@ -688,6 +706,63 @@ class ControlChannelRequestTests(SynchronousTestCase):
         request.write(b"too late")
         request.finish()
         self.assertEqual(control.dataFrames(), [])
+
+
+class ControlReaderTests(SynchronousTestCase):
+    """
+    The listener reads its control channel with a L{MessageReader} for
+    unmasked frames, not autobahn's parser.
+    """
+
+    def test_installedOnOpen(self) -> None:
+        h = Harness()
+        h.listen()
+        control = h.listener._control
+        assert control is not None
+        self.assertIsInstance(control.reader, MessageReader)
+
+    @settings(max_examples=60, deadline=None)
+    @given(cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=12))
+    def test_anyPieces(self, cuts: list[int]) -> None:
+        """
+        A command and its body, cut anywhere, make one request with the
+        whole body; a ping among them is answered.
+        """
+        h = Harness()
+        control = h.listen()
+        wire = (
+            serverFrame(TEXT, json.dumps(fullRequest(method="POST", body=True)).encode())
+            + serverFrame(BINARY, b"abc", fin=False)
+            + serverFrame(PING, b"hi")
+            + serverFrame(CONTINUATION, b"def")
+        )
+        start = 0
+        for cut in [*cuts, len(wire)]:
+            control.proto.dataReceived(wire[start : start + cut])
+            start += cut
+        control.proto.dataReceived(wire[start:])
+        [request] = h.handler.requests
+        self.assertEqual(self.successResultOf(readBody(request)), b"abcdef")
+        self.assertIn((True, PONG, b"hi"), control.frames())
+
+    def test_tooLarge(self) -> None:
+        """
+        A message above L{MAX_CONTROL_MESSAGE} closes the channel with 1009
+        before it has all come.
+        """
+        h = Harness()
+        control = h.listen()
+        control.send(BINARY, b"x" * (MAX_CONTROL_MESSAGE // 2), fin=False)
+        self.assertEqual(control.closes(), [])
+        control.send(CONTINUATION, b"x" * (MAX_CONTROL_MESSAGE // 2 + 1))
+        self.assertEqual(control.closes(), [1009])
+
+    def test_maskedFrameFromTheRelay(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.proto.dataReceived(bytes([0x81, 0x80 | 2]) + b"\x00\x00\x00\x00{}")
+        self.assertEqual(control.closes(), [1002])
+        self.assertEqual(h.handler.requests, [])
 
 
 class LargeResponseTests(SynchronousTestCase):
