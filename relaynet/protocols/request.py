@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote
 from xml.sax.saxutils import escape
@@ -59,6 +59,7 @@ log = Logger()
 CONTROL_BODY_LIMIT = 65536
 # A request with this header set to true is a one-way message.
 ONE_WAY_HEADER = "Relay-Oneway"
+_ONE_WAY = ONE_WAY_HEADER.lower()
 # How many subscribers (or listeners) an event or message was handed to.
 DELIVERED_HEADER = "Relay-Delivered-To"
 MAX_HEADER_BYTES = 32 * 1024
@@ -81,6 +82,14 @@ _NO_BODY = {204, 304}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
+
+
+@functools.lru_cache(maxsize=1024)
+def _entityPath(name: str) -> str:
+    """
+    An entity's name (and suffix) as it goes in a rendezvous address.
+    """
+    return quote(name, safe="/;:@&=+$,!~*()-._")
 
 
 def soapVersion(request: Request) -> str | None:
@@ -149,8 +158,10 @@ def respondWithError(request: Request, error: RelayError) -> None:
 
 class RelayHttpChannel(HTTPChannel):
     """
-    An HTTP channel that tells each request its request line as soon as it
-    is read, so that relayed requests can start before their body arrives.
+    The front door's HTTP channel: TCP_NODELAY, a response made in one go
+    written with one system call (L{batched}), and the local address asked
+    once.  Its requests (L{RelayRequest}) are relayed as soon as their
+    headers have come, before their body.
     """
 
     totalHeadersSize = MAX_HEADER_BYTES
@@ -172,20 +183,11 @@ class RelayHttpChannel(HTTPChannel):
     # with one system call, straight to the socket when it can be.
     _batch: list[bytes] | None = None
 
-    @contextmanager
-    def batched(self) -> Iterator[None]:
+    def batched(self) -> _Batched:
         """
-        Gather the writes made inside into one.
+        Gather the writes made inside (a C{with} block) into one.
         """
-        if self._batch is not None or self.transport is None:
-            yield
-            return
-        self._batch = []
-        try:
-            yield
-        finally:
-            self._sendBatch()
-            self._batch = None
+        return _Batched(self)
 
     def _sendBatch(self) -> None:
         """
@@ -242,13 +244,30 @@ class RelayHttpChannel(HTTPChannel):
             self._secure = super().isSecure()
         return self._secure
 
-    def lineReceived(self, line: bytes) -> None:
-        before = len(self.requests)
-        super().lineReceived(line)
-        if len(self.requests) > before and isinstance(self.requests[-1], RelayRequest):
-            parts = line.split(b" ")
-            if len(parts) == 3:
-                self.requests[-1].requestLine(parts[0], parts[1], parts[2])
+
+class _Batched:
+    """
+    L{RelayHttpChannel.batched}: a class rather than a generator, which
+    costs a call per response less.
+    """
+
+    __slots__ = ("_channel", "_mine")
+
+    def __init__(self, channel: RelayHttpChannel) -> None:
+        self._channel = channel
+        self._mine = False
+
+    def __enter__(self) -> None:
+        channel = self._channel
+        if channel._batch is None and channel.transport is not None:
+            channel._batch = []
+            self._mine = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mine:
+            channel = self._channel
+            channel._sendBatch()
+            channel._batch = None
 
 
 class RelayRequest(Request):
@@ -261,21 +280,30 @@ class RelayRequest(Request):
     # A relayed response carries the listener's headers, no others.
     defaultContentType = None
 
-    def requestLine(self, method: bytes, uri: bytes, version: bytes) -> None:
+    def _relay(self) -> HttpExchange | None:
+        """
+        Start relaying this request if it is addressed to an entity: its
+        headers have all come (its body may not have).
+        """
+        channel: Any = self.channel
+        # (HTTPChannel keeps the request line here until the request ends.)
+        method, uri, version = channel._command, channel._path, channel._version
         path = uri.split(b"?", 1)[0]
         if path.startswith(b"/$") or path == b"/":
-            return
+            return None
         # Known now, so that a response may start before the body has come.
         self.method, self.uri, self.clientproto, self.path = method, uri, version, path
-        self.site = self.channel.site  # type: ignore[attr-defined]
+        self.site = channel.site
         relay: Relay = self.site.relay  # type: ignore[union-attr]
         self.exchange = HttpExchange(relay, self, method.decode("latin-1"), uri.decode("latin-1"))
+        return self.exchange
 
     def gotLength(self, length: int | None) -> None:
-        if self.exchange is None:
+        exchange = self._relay()
+        if exchange is None:
             super().gotLength(length)
         else:
-            self.exchange.headersReceived(length)
+            exchange.headersReceived(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.exchange is None:
@@ -308,6 +336,8 @@ class HttpExchange:
 
     error: RelayError | None = None
     message = False
+    _viaName: str | None = None
+    _headers: dict[str, tuple[str, Sequence[bytes]]] | None = None
     _bodySize = 0
     channel: IListenerChannel | None = None
     leg: HybridConnectionProtocol | None = None
@@ -362,12 +392,13 @@ class HttpExchange:
     def _check(self) -> None:
         if self.method.upper() == "CONNECT":
             raise MethodNotAllowed("CONNECT is not relayed.")
-        if "websocket" in (self.request.getHeader("upgrade") or "").lower():
+        if "websocket" in (self._header("upgrade") or "").lower():
             raise BadRequest("HTTP relaying does not upgrade connections: WebSocket senders connect under /$hc/.")
-        self.entity, self.suffix = self.relay.namespace.resolve(unquote(self.path))
-        self.entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
+        path = self.path
+        self.entity, self.suffix = self.relay.namespace.resolve(unquote(path) if "%" in path else path)
+        self.entityPath = _entityPath(self.entity.name + self.suffix)
         self.relay.authorize(self._handshakeInfo(), self.entity, Rights.SEND, token=self._token())
-        oneWay = (self.request.getHeader(ONE_WAY_HEADER) or "").lower() in ("1", "true", "yes")
+        oneWay = (self._header(_ONE_WAY) or "").lower() in ("1", "true", "yes")
         self.message = self.entity.kind == "event" or oneWay
 
     def _checkMessage(self, length: int | None) -> None:
@@ -381,12 +412,12 @@ class HttpExchange:
             raise PayloadTooLarge(f"A message may have at most {limit} bytes.")
 
     def _token(self) -> str | None:
-        token = self.request.getHeader("servicebusauthorization")
+        token = self._header("servicebusauthorization")
         if token is None:
             query = dict(reversed(parse_qsl(self.uri.partition("?")[2], keep_blank_values=True)))
             token = query.get("sb-hc-token") or None
         if token is None:
-            authorization = self.request.getHeader("authorization") or ""
+            authorization = self._header("authorization") or ""
             if authorization.startswith("SharedAccessSignature "):
                 self._credentialHeader = "authorization"
                 token = authorization
@@ -397,7 +428,7 @@ class HttpExchange:
             return self._info
         peer = self.request.getClientAddress()
         self._info = HandshakeInfo(
-            host=self.request.getHeader("host") or "",
+            host=self._header("host") or "",
             secure=self.request.isSecure(),
             path=self.uri,
             rawQuery="",
@@ -523,21 +554,44 @@ class HttpExchange:
             }
         }
 
+    def _readHeaders(self) -> dict[str, tuple[str, Sequence[bytes]]]:
+        """
+        The request's headers by lower-case name: (name as sent, values).
+        Read in one pass, once: twisted.web encodes the name again on every
+        lookup.
+        """
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            for rawName, rawValues in self.request.requestHeaders.getAllRawHeaders():
+                name = rawName.decode("latin-1")
+                headers[name.lower()] = (name, rawValues)
+        return headers
+
+    def _header(self, lower: str) -> str | None:
+        """
+        The last value of the request header C{lower}, or L{None}.
+        """
+        found = self._readHeaders().get(lower)
+        return found[1][-1].decode("latin-1") if found is not None else None
+
     def _requestHeaders(self) -> dict[str, str]:
-        requestHeaders = self.request.requestHeaders
+        received = self._readHeaders()
         # Not in the wire contract, but apps on hyco-https (Express's body
         # parsers) only read a body whose length is announced.
         dropped = _HOP_BY_HOP_BUT_LENGTH if self._expectedBody else _HOP_BY_HOP
-        connection = requestHeaders.getRawHeaders("connection")
-        if connection or self._credentialHeader:
-            named = {token.strip().lower() for value in connection or () for token in value.split(",")}
+        connection = received.get("connection")
+        if connection is not None or self._credentialHeader:
+            named = {
+                token.strip().lower()
+                for value in (connection[1] if connection is not None else ())
+                for token in value.decode("latin-1").split(",")
+            }
             if self._credentialHeader:
                 named.add(self._credentialHeader)
             dropped = (_HOP_BY_HOP | named) - (_BODY_LENGTH if self._expectedBody else set())
         headers: dict[str, str] = {}
-        for rawName, rawValues in requestHeaders.getAllRawHeaders():
-            name = rawName.decode("latin-1")
-            lower = name.lower()
+        for lower, (name, rawValues) in received.items():
             if lower in dropped:
                 continue
             if len(rawValues) == 1:
@@ -550,7 +604,9 @@ class HttpExchange:
         return headers
 
     def _hostname(self) -> str:
-        return self._handshakeInfo().hostname or "relaynet"
+        if self._viaName is None:
+            self._viaName = self._handshakeInfo().hostname or "relaynet"
+        return self._viaName
 
     def _deliver(self, command: dict[str, Any] | bytes, body: bytes | None) -> None:
         """
