@@ -18,7 +18,6 @@ import functools
 import json
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote
 from xml.sax.saxutils import escape
@@ -158,8 +157,7 @@ def respondWithError(request: Request, error: RelayError) -> None:
 
 class RelayHttpChannel(HTTPChannel):
     """
-    The front door's HTTP channel: TCP_NODELAY, a response made in one go
-    written with one system call (L{batched}), and the local address asked
+    The front door's HTTP channel: TCP_NODELAY, and the local address asked
     once.  Its requests (L{RelayRequest}) are relayed as soon as their
     headers have come, before their body.
     """
@@ -179,61 +177,6 @@ class RelayHttpChannel(HTTPChannel):
     _host: Any = None
     _secure: bool | None = None
 
-    # What a response made in one go writes (batched()), sent at its end
-    # with one system call, straight to the socket when it can be.
-    _batch: list[bytes] | None = None
-
-    def batched(self) -> _Batched:
-        """
-        Gather the writes made inside (a C{with} block) into one.
-        """
-        return _Batched(self)
-
-    def _sendBatch(self) -> None:
-        """
-        Send what was gathered so far; what follows is gathered anew.
-        """
-        batch = self._batch
-        if batch:
-            self._batch = []
-            if self.transport is not None:
-                writeNow(self.transport, batch)
-
-    def requestDone(self, request: Any) -> None:
-        # The response is complete: it goes before anything twisted.web
-        # writes itself for a pipelined request next (100 Continue, 400).
-        self._sendBatch()
-        super().requestDone(request)
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        batch = self._batch
-        if batch is None:
-            super().writeHeaders(version, code, reason, headers)
-            return
-        if not isinstance(headers, Headers):
-            # (twisted.web passes Headers; pairs are sanitized as it does.)
-            pairs, headers = headers, Headers()
-            for name, value in pairs:
-                headers.addRawHeader(name, value)
-        # As twisted.web writes them (Headers has sanitized names and values).
-        batch += (version, b" ", code, b" ", reason, b"\r\n")
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                batch += (name, b": ", value, b"\r\n")
-        batch.append(b"\r\n")
-
-    def write(self, data: bytes) -> None:
-        if self._batch is not None:
-            self._batch.append(data)
-        else:
-            super().write(data)
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        if self._batch is not None:
-            self._batch.extend(iovec)
-        else:
-            super().writeSequence(iovec)
-
     def getHost(self) -> Any:
         if self._host is None:
             self._host = super().getHost()
@@ -243,31 +186,6 @@ class RelayHttpChannel(HTTPChannel):
         if self._secure is None:
             self._secure = super().isSecure()
         return self._secure
-
-
-class _Batched:
-    """
-    L{RelayHttpChannel.batched}: a class rather than a generator, which
-    costs a call per response less.
-    """
-
-    __slots__ = ("_channel", "_mine")
-
-    def __init__(self, channel: RelayHttpChannel) -> None:
-        self._channel = channel
-        self._mine = False
-
-    def __enter__(self) -> None:
-        channel = self._channel
-        if channel._batch is None and channel.transport is not None:
-            channel._batch = []
-            self._mine = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._mine:
-            channel = self._channel
-            channel._sendBatch()
-            channel._batch = None
 
 
 class RelayRequest(Request):
@@ -712,9 +630,11 @@ class HttpExchange:
             return bool(response.get("body"))
         self.responding = True
         request = self.request
-        description = response.get("statusDescription") or http.RESPONSES.get(code, b"").decode("latin-1")
-        request.setResponseCode(code, safeReason(str(description)).encode("latin-1"))
+        description = response.get("statusDescription")
+        reason = safeReason(str(description)).encode("latin-1") if description else http.RESPONSES.get(code, b"")
+        request.setResponseCode(code, reason)
         headers = response.get("responseHeaders")
+        responseHeaders = request.responseHeaders
         keepLength = self.method.upper() == "HEAD" or code in _NO_BODY
         for name, value in (headers.items() if isinstance(headers, dict) else []):
             lower = str(name).lower()
@@ -722,14 +642,10 @@ class HttpExchange:
                 continue
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
-            request.responseHeaders.setRawHeaders(str(name), [safeReason(str(value), 8192)])
-        request.responseHeaders.addRawHeader("Via", f"1.1 {self._hostname()}")
-        hasBody = bool(response.get("body"))
-        if not hasBody:
-            if not keepLength:
-                request.setHeader("content-length", "0")
-            with self._batched():
-                self._finish()
+            responseHeaders.setRawHeaders(str(name), [safeReason(str(value), 8192)])
+        responseHeaders.addRawHeader("Via", f"1.1 {self._hostname()}")
+        if not response.get("body"):
+            self._sendWhole(b"")
             return False
         if overLeg:
             assert self.leg is not None and self.leg.transport is not None
@@ -742,13 +658,38 @@ class HttpExchange:
         """
         The body of a response sent on the control channel, whole.
         """
-        if self.finished:
-            return
-        with self._batched():
-            if self.method.upper() != "HEAD" and self.request.code not in _NO_BODY:
-                self.request.setHeader("content-length", str(len(body)))
-                self.request.write(body)
-            self._finish()
+        if not self.finished:
+            self._sendWhole(body)
+
+    def _sendWhole(self, body: bytes) -> None:
+        """
+        Send a response that is all here (it came on the control channel,
+        or it has no body) with one system call, and finish the request:
+        the status line and headers as twisted.web's C{Request.write} puts
+        them, with the body's C{Content-Length}, then the body.
+        """
+        request = self.request
+        headers = request.responseHeaders
+        if self.method.upper() == "HEAD" or request.code in _NO_BODY:
+            body = b""  # (a Content-Length from the listener stays)
+        else:
+            headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        pieces = [request.clientproto, b" %d " % (request.code,), request.code_message, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                pieces += (name, b": ", value, b"\r\n")
+        pieces.append(b"\r\n")
+        if body:
+            pieces.append(body)
+        # What Request.write would have noted (the access log reads them).
+        request.startedWriting = 1
+        request.sentLength = len(body)
+        transport = request.channel.transport
+        if transport is not None:
+            # Before anything twisted.web writes for a pipelined request next
+            # (100 Continue, 400), which finish() may start.
+            writeNow(transport, pieces)
+        self._finish()
 
     def responseData(self, data: bytes) -> None:
         if self.finished:
@@ -790,13 +731,6 @@ class HttpExchange:
             self._fail(BadGateway("The listener went away before it answered."))
 
     # Endings.
-
-    def _batched(self) -> Any:
-        """
-        A response made in one go is written with one system call.
-        """
-        channel = self.request.channel
-        return channel.batched() if isinstance(channel, RelayHttpChannel) else nullcontext()
 
     def _finish(self) -> None:
         self.finished = True

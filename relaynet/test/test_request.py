@@ -12,6 +12,7 @@ C{test_loopback_http}.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import random
@@ -530,6 +531,20 @@ class ControlChannelResponseTests(SynchronousTestCase):
             self.assertEqual(len(writes), 1, body)
             self.assertEqual(response.body, body or b"")
             self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes[0])
+
+    def test_accessLogLine(self) -> None:
+        """
+        With the access log on, a relayed response is logged with its
+        status and the bytes of its body, as twisted.web logs its own.
+        """
+        h, listener, sender, rid = self._exchange()
+        logFile = io.StringIO()
+        h.site.accessLog = True
+        h.site.logFile = logFile
+        respond(listener, rid, b"some body", statusCode=201)
+        self.assertEqual(sender.answered().status, 201)
+        [line] = logFile.getvalue().splitlines()
+        self.assertIn('HTTP/1.1" 201 9 ', line)
 
     def test_pipelinedRequestAnswersFollow(self) -> None:
         """
