@@ -158,11 +158,11 @@ class ControlChannel:
         # An outbox not made yet is empty.
         return self.outbox.hasRoom() if self.outbox is not None else self._open
 
-    def sendFrames(self, frames: bytes) -> None:
+    def sendFrames(self, frames: list[bytes]) -> None:
         if self.proto.state == self.proto.STATE_OPEN:
             # Whole frames, straight to the transport: a control channel
             # sends whole messages only, so nothing can be half-sent.
-            self.proto.transport.write(frames)  # type: ignore[union-attr]
+            self.proto.transport.writeSequence(frames)  # type: ignore[union-attr]
 
     def fellBehind(self, missed: int) -> None:
         """

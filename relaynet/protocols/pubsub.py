@@ -34,6 +34,9 @@ log = Logger()
 
 EVENT_ID_PREFIX = "evt_"
 FELL_BEHIND = 4008
+#: At most about this many bytes of queued messages go to the transport in
+#: one write; it pauses the outbox once its own buffer is full.
+DRAIN_BYTES = 64 * 1024
 
 
 @implementer(IPushProducer)
@@ -77,8 +80,17 @@ class Outbox:
         return not self.overflowed and len(self._queue) < self._limit
 
     def _drain(self) -> None:
-        while self._queue and not self._paused:
-            self._channel.sendFrames(self._queue.popleft())
+        queue = self._queue
+        while queue and not self._paused:
+            # Many at a time: the transport's checks and its pause (once its
+            # buffer is full) cost a call per batch rather than per event.
+            frames = queue.popleft()
+            batch, size = [frames], len(frames)
+            while queue and size < DRAIN_BYTES:
+                frames = queue.popleft()
+                batch.append(frames)
+                size += len(frames)
+            self._channel.sendFrames(batch)
 
     def pauseProducing(self) -> None:
         self._paused = True

@@ -337,10 +337,12 @@ class OutboxTests(SynchronousTestCase):
     class _Channel:
         def __init__(self) -> None:
             self.sent: list[bytes] = []
+            self.batches: list[int] = []
             self.missed: list[int] = []
 
-        def sendFrames(self, frames: bytes) -> None:
-            self.sent.append(frames)
+        def sendFrames(self, frames: list[bytes]) -> None:
+            self.batches.append(len(frames))
+            self.sent.extend(frames)
 
         def fellBehind(self, missed: int) -> None:
             self.missed.append(missed)
@@ -365,6 +367,37 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(len(first), 3)
         self.assertTrue(all(a is b for a, b in zip(first, second)))
         self.assertEqual([parseFrames(f) for f in first], [[(True, 1, e), (True, 2, b)] for e, b in events])
+
+    def test_drainsInBatches(self) -> None:
+        """
+        A resumed outbox hands its transport about L{DRAIN_BYTES} at a
+        time, in order, and stops as soon as the transport pauses it.
+        """
+        from relaynet.protocols.pubsub import DRAIN_BYTES, Outbox
+
+        channel = self._Channel()
+        outbox = Outbox(channel, limit=1000)  # type: ignore[arg-type]
+        outbox.pauseProducing()
+        events = [bytes([i]) * 1000 for i in range(200)]
+        for event in events:
+            self.assertTrue(outbox.offer(event))
+        perBatch = -(-DRAIN_BYTES // 1000)
+        pauses = []
+        original = channel.sendFrames
+
+        def sendFrames(frames: list[bytes]) -> None:
+            original(frames)
+            if len(channel.batches) == 1:
+                # The transport's buffer is full after the first batch.
+                pauses.append(len(frames))
+                outbox.pauseProducing()
+
+        channel.sendFrames = sendFrames  # type: ignore[method-assign]
+        outbox.resumeProducing()
+        self.assertEqual((channel.batches, pauses), ([perBatch], [perBatch]))
+        outbox.resumeProducing()
+        self.assertEqual(channel.sent, events)
+        self.assertEqual(channel.batches, [perBatch] * 3 + [200 - 3 * perBatch])
 
     def test_overflowCutsOff(self) -> None:
         from relaynet.protocols.pubsub import Outbox
