@@ -24,8 +24,8 @@ from xml.sax.saxutils import escape
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.web import http
-from twisted.web.http import HTTPChannel
+# (Imported by name: attributes of the module go through a deprecation proxy.)
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -631,7 +631,7 @@ class HttpExchange:
         self.responding = True
         request = self.request
         description = response.get("statusDescription")
-        reason = safeReason(str(description)).encode("latin-1") if description else http.RESPONSES.get(code, b"")
+        reason = safeReason(str(description)).encode("latin-1") if description else RESPONSES.get(code, b"")
         request.setResponseCode(code, reason)
         headers = response.get("responseHeaders")
         responseHeaders = request.responseHeaders
