@@ -127,11 +127,12 @@ Seconds a response may sit in the buffer after its first write before it
 goes to a rendezvous anyway, as with .NET: streamed responses keep flowing.
 """
 
-MAX_CONTROL_MESSAGE = 1024 * 1024
+MAX_CONTROL_MESSAGE = 64 * 1024 * 1024
 """
-The largest message the listener reads on its control channel (a command,
-or a request body: the relay sends at most 64 KiB of body there); a larger
-one closes the channel with 1009, and the listener connects again.
+The largest message a listener reads on its control channel by default
+(L{HybridListener}'s C{maxMessageSize}): a command, a request body (at most
+64 KiB from a relay), or an event or one-way message (as large as the
+relay's C{--max-event-size}, 64 KiB unless raised).
 """
 
 DEFAULT_TOKEN_RENEW_INTERVAL = 45 * 60.0
@@ -1116,6 +1117,7 @@ class HybridListener:
         tokenRenewInterval: float = DEFAULT_TOKEN_RENEW_INTERVAL,
         retryPolicy: RetryPolicy | None = None,
         native: bool = False,
+        maxMessageSize: int = MAX_CONTROL_MESSAGE,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and
@@ -1157,6 +1159,11 @@ class HybridListener:
             (L{relaynet.native}: raw bytes, no WebSocket framing), a
             relaynet extension that Azure Relay refuses.  Senders may be
             native or not either way.
+        @param maxMessageSize: the largest message taken on the control
+            channel, in bytes (L{MAX_CONTROL_MESSAGE}, 64 MiB, by default;
+            0 for no limit).  A larger one closes the channel with 1009 and
+            is lost, and the listener connects again; raise it above the
+            relay's C{--max-event-size} to receive larger events.
         """
         self.reactor = reactor
         self.baseUrl = baseUrl.rstrip("/")
@@ -1191,6 +1198,7 @@ class HybridListener:
         self._first: Deferred[None] | None = None
         self._rendezvous: set[_Client] = set()
         self._native = native
+        self._maxMessageSize = maxMessageSize
         self._streams: set[_AcceptedStream | NativeStream] = set()
         self._connecting: set[Deferred[Any]] = set()
         self._inFlight: set[RelayedHttpRequest] = set()
@@ -1298,7 +1306,7 @@ class HybridListener:
         factory.setProtocolOptions(
             autoPingInterval=self._pingInterval or 0,
             autoPingTimeout=self._pingTimeout or 0,
-            maxMessagePayloadSize=MAX_CONTROL_MESSAGE,
+            maxMessagePayloadSize=self._maxMessageSize,
         )
         self._control = proto
         try:

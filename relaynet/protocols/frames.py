@@ -227,6 +227,11 @@ class FrameReader:
         """
         Read what the peer sent.
         """
+        proto = self.proto
+        if proto.autoPingTimeoutCall is not None and proto.autoPingRestartOnAnyTraffic:
+            # As autobahn does for each data frame: traffic stands in for a
+            # late pong (its option autoPingRestartOnAnyTraffic).
+            proto._cancelAutoPingTimeoutCall()
         out: list[Any] = []
         view = memoryview(data)
         going = True

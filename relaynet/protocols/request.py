@@ -635,7 +635,8 @@ class HttpExchange:
         request.setResponseCode(code, reason)
         headers = response.get("responseHeaders")
         responseHeaders = request.responseHeaders
-        keepLength = self.method.upper() == "HEAD" or code in _NO_BODY
+        # (Methods are case-sensitive: "head" is not HEAD, and has a body.)
+        keepLength = self.method == "HEAD" or code in _NO_BODY
         for name, value in (headers.items() if isinstance(headers, dict) else []):
             lower = str(name).lower()
             if not _TOKEN.match(lower) or (lower in _HOP_BY_HOP and not (keepLength and lower == "content-length")):
@@ -670,7 +671,7 @@ class HttpExchange:
         """
         request = self.request
         headers = request.responseHeaders
-        if self.method.upper() == "HEAD" or request.code in _NO_BODY:
+        if self.method == "HEAD" or request.code in _NO_BODY:
             body = b""  # (a Content-Length from the listener stays)
         else:
             headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
@@ -695,7 +696,7 @@ class HttpExchange:
         if self.finished:
             return
         self._bodyProgressed()
-        if self.method.upper() != "HEAD":
+        if self.method != "HEAD":
             self.request.write(data)
 
     def _bodyProgressed(self) -> None:

@@ -4,6 +4,8 @@ Tests for L{relaynet.events}, against a real relay on 127.0.0.1.
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -137,6 +139,22 @@ class EventTests(Base):
         self.assertEqual(error.status, 413)
         self.assertIn("100", error.message)
 
+
+    async def test_largeEvent(self) -> None:
+        """
+        An event larger than a megabyte, allowed by the relay's
+        C{--max-event-size}, reaches a subscriber whole on its control
+        channel, which stays up.
+        """
+        self.start("--max-event-size", str(2 * 1024 * 1024))
+        subscriber = await self.listening(Collector, "news")
+        control = subscriber.listener._control  # type: ignore[attr-defined]
+        publisher = EventPublisher(reactor, self.base, "news", self.tokens)
+        event = os.urandom(1536 * 1024)
+        self.assertEqual(await publisher.publish(event), 1)
+        await settle(lambda: subscriber.events, 10)  # type: ignore[attr-defined]
+        self.assertEqual([b for b, _ in subscriber.events], [event])  # type: ignore[attr-defined]
+        self.assertIs(subscriber.listener._control, control)  # type: ignore[attr-defined]
 
 class OneWayTests(Base):
     async def test_exactlyOnce(self) -> None:

@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from relaynet.core import RelaySettings
 from relaynet.protocols import frames
 from relaynet.protocols.frames import (
     MAX_HELD,
@@ -419,6 +420,22 @@ class MessageReaderTests(SynchronousTestCase):
     def test_installed(self) -> None:
         _, listener, _ = self._listener()
         self.assertIsInstance(listener.proto.reader, MessageReader)
+
+    def test_trafficStandsInForAPong(self) -> None:
+        """
+        As with autobahn's parser, messages from a listener cancel a
+        pending ping timeout: a busy listener whose pong is late is kept,
+        a silent one is dropped.
+        """
+        for busy in (True, False):
+            h = Harness(settings=RelaySettings(pingInterval=5, pingTimeout=5))
+            listener = h.listen()
+            listener.proto.role.messageReceived = lambda payload, isBinary: None
+            for second in range(12):
+                h.clock.advance(1)
+                if busy:
+                    listener.send(TEXT, b'{"n":%d}' % (second,))
+            self.assertEqual(listener.proto.state == listener.proto.STATE_OPEN, busy)
 
     @settings(max_examples=40, deadline=None)
     @given(

@@ -747,15 +747,35 @@ class ControlReaderTests(SynchronousTestCase):
 
     def test_tooLarge(self) -> None:
         """
-        A message above L{MAX_CONTROL_MESSAGE} closes the channel with 1009
-        before it has all come.
+        A message above C{maxMessageSize} closes the channel with 1009
+        before it has all come; L{MAX_CONTROL_MESSAGE} is the default.
         """
-        h = Harness()
+        self.assertEqual(Harness().listener._maxMessageSize, MAX_CONTROL_MESSAGE)
+        h = Harness(maxMessageSize=1000)
         control = h.listen()
-        control.send(BINARY, b"x" * (MAX_CONTROL_MESSAGE // 2), fin=False)
+        control.send(BINARY, b"x" * 600, fin=False)
+        control.send(CONTINUATION, b"x" * 400)
         self.assertEqual(control.closes(), [])
-        control.send(CONTINUATION, b"x" * (MAX_CONTROL_MESSAGE // 2 + 1))
+        control.send(BINARY, b"x" * 600, fin=False)
+        control.send(CONTINUATION, b"x" * 401)
         self.assertEqual(control.closes(), [1009])
+
+    def test_trafficStandsInForAPong(self) -> None:
+        """
+        As with autobahn's parser, messages from the relay cancel a pending
+        ping timeout: a busy relay whose pong is late is kept, a silent one
+        is dropped.
+        """
+        for busy in (True, False):
+            h = Harness(pingInterval=5, pingTimeout=5)
+            control = h.listen()
+            proto = h.listener._control
+            assert proto is not None
+            for second in range(12):
+                h.reactor.advance(1)
+                if busy:
+                    control.sendJson({"unknownCommand": second})
+            self.assertEqual(proto.state == proto.STATE_OPEN, busy)
 
     def test_maskedFrameFromTheRelay(self) -> None:
         h = Harness()

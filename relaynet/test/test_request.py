@@ -532,6 +532,16 @@ class ControlChannelResponseTests(SynchronousTestCase):
             self.assertEqual(response.body, body or b"")
             self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes[0])
 
+    def test_lowerCaseHeadHasABody(self) -> None:
+        """
+        Methods are case-sensitive: C{head} is not C{HEAD}, and its response
+        carries its body and length.
+        """
+        _, listener, sender, rid = self._exchange("head")
+        respond(listener, rid, b"hello")
+        response = sender.answered()
+        self.assertEqual((response.header("content-length"), response.body), ("5", b"hello"))
+
     def test_accessLogLine(self) -> None:
         """
         With the access log on, a relayed response is logged with its
