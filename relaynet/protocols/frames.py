@@ -1,14 +1,15 @@
 # -*- test-case-name: relaynet.test.test_frames -*-
 """
-Reading clients' WebSocket frames without autobahn's parser, for the two
-busiest kinds of socket on the relay.
+Reading WebSocket frames without autobahn's parser, for the two busiest
+kinds of socket on the relay and for a listener's control channel.
 
 L{relaynet.protocols.splice.Leg}: once two WebSocket legs are spliced, each
-side's incoming bytes go through its leg, a L{FrameReader}.  For every data frame it reads the header, writes the
-partner an unmasked header for the same frame (same opcode, same FIN bit,
-same length) and then passes the payload on, unmasked, piece by piece as it
-arrives: no frame or message is held, and the frame boundaries, text and
-binary, and fragmentation are kept exactly.
+side's incoming bytes go through its leg, a L{FrameReader}.  For every data
+frame it reads the header, writes the partner an unmasked header for the
+same frame (same opcode, same FIN bit, same length) and then passes the
+payload on, unmasked, piece by piece as it arrives: no frame or message is
+held, and the frame boundaries, text and binary, and fragmentation are kept
+exactly.
 
 L{MessageReader}: a listener's control channel reads whole messages with
 one, within the channel's size limit; so does the other end of it, a
@@ -244,7 +245,7 @@ class FrameReader:
             view = view[_PROBE:]
             if not going and view and not self._broken:
                 # Stopped at a frame boundary: autobahn reads the rest.
-                self.proto._dataReceived(bytes(view))
+                proto._dataReceived(bytes(view))
         if going and view:
             self._feed(view, out)
         self._flush(out)

@@ -75,8 +75,7 @@ _HOP_BY_HOP = frozenset({
     "content-length",
     "servicebusauthorization",
 })
-_BODY_LENGTH = frozenset({"content-length"})
-_HOP_BY_HOP_BUT_LENGTH = _HOP_BY_HOP - _BODY_LENGTH
+_HOP_BY_HOP_BUT_LENGTH = _HOP_BY_HOP - {"content-length"}
 _NO_BODY = {204, 304}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -254,7 +253,6 @@ class HttpExchange:
 
     error: RelayError | None = None
     message = False
-    _viaName: str | None = None
     _headers: dict[str, tuple[str, Sequence[bytes]]] | None = None
     _bodySize = 0
     channel: IListenerChannel | None = None
@@ -498,16 +496,16 @@ class HttpExchange:
         # Not in the wire contract, but apps on hyco-https (Express's body
         # parsers) only read a body whose length is announced.
         dropped = _HOP_BY_HOP_BUT_LENGTH if self._expectedBody else _HOP_BY_HOP
-        connection = received.get("connection")
-        if connection is not None or self._credentialHeader:
-            named = {
-                token.strip().lower()
-                for value in (connection[1] if connection is not None else ())
-                for token in value.decode("latin-1").split(",")
-            }
-            if self._credentialHeader:
-                named.add(self._credentialHeader)
-            dropped = (_HOP_BY_HOP | named) - (_BODY_LENGTH if self._expectedBody else set())
+        # The headers the sender's Connection header names are hop-by-hop
+        # too, and so is the header the token came in.
+        _, connection = received.get("connection", ("", ()))
+        named = {token.strip().lower() for value in connection for token in value.decode("latin-1").split(",")}
+        if self._credentialHeader:
+            named.add(self._credentialHeader)
+        if named:
+            if self._expectedBody:
+                named.discard("content-length")
+            dropped = dropped | named
         headers: dict[str, str] = {}
         for lower, (name, rawValues) in received.items():
             if lower in dropped:
@@ -522,9 +520,7 @@ class HttpExchange:
         return headers
 
     def _hostname(self) -> str:
-        if self._viaName is None:
-            self._viaName = self._handshakeInfo().hostname or "relaynet"
-        return self._viaName
+        return self._handshakeInfo().hostname or "relaynet"
 
     def _deliver(self, command: dict[str, Any] | bytes, body: bytes | None) -> None:
         """

@@ -170,8 +170,7 @@ class _Flow:
                     sent = 0
                 if sent < size:
                     self.pending = bytes(view[sent:])
-                    self.source.want(read=False)
-                    self.sink.want(write=True)
+                    self._waitForSink()
                     return
         except BlockingIOError:
             return
@@ -179,18 +178,13 @@ class _Flow:
             self.owner.fail(e)
             return
         if not size:
-            self.ended = True
-            self.source.want(read=False)
-            self._drain()
-            return
-        if size == len(_small):
+            self._sourceEnded()
+        elif size == len(_small):
             self.small = False
             self._splice()
 
     def _splice(self) -> None:
         for _ in range(ROUNDS):
-            if self.done or not self._drain():
-                return
             try:
                 pipe = self.pipe or _pool.take()
             except OSError as e:
@@ -211,18 +205,31 @@ class _Flow:
                 return
             self.pipe = pipe
             if moved == 0:
-                self.ended = True
-                self.source.want(read=False)
-                self._drain()
+                self._sourceEnded()
                 return
             self.inPipe += moved
             if moved < BACK_TO_SMALL:
                 self.small = True
-            if moved < pipe.size:
-                # The source had less than a pipe-full: most likely all it
-                # had, and the reactor says when there is more.
-                break
+            # On while the sink takes it all and the source fills the pipe
+            # (less is most likely all it had: the loop says when there is
+            # more).
+            if not self._drain() or moved < pipe.size:
+                return
+
+    def _sourceEnded(self) -> None:
+        """
+        The source half-closed: what is left goes to the sink, then its end.
+        """
+        self.ended = True
+        self.source.want(read=False)
         self._drain()
+
+    def _waitForSink(self) -> None:
+        """
+        The sink is full: read no more until it is writable.
+        """
+        self.source.want(read=False)
+        self.sink.want(write=True)
 
     def writable(self) -> None:
         """
@@ -246,8 +253,7 @@ class _Flow:
                 assert self.pipe is not None
                 self.inPipe -= os.splice(self.pipe.read, self.sink.fd, self.inPipe, flags=_FLAGS)
         except BlockingIOError:
-            self.source.want(read=False)
-            self.sink.want(write=True)
+            self._waitForSink()
             return False
         except OSError as e:
             self.owner.fail(e)
