@@ -512,7 +512,81 @@ def machine() -> dict[str, Any]:
         "cpu": model,
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "tcpCongestionControl": congestionControl(),
     }
+
+
+# ---------------------------------------------------------------------------
+# TCP congestion control
+
+_CONGESTION = "/proc/sys/net/ipv4/tcp_congestion_control"
+_AVAILABLE = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+
+
+def congestionControl() -> str | None:
+    """
+    The congestion control new TCP connections get on this machine
+    (C{net.ipv4.tcp_congestion_control}), or L{None} where it cannot be
+    read.
+    """
+    try:
+        with open(_CONGESTION) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+class CongestionControlUnavailable(Exception):
+    """
+    The congestion control asked for cannot be set here.
+    """
+
+
+class UsingCongestionControl:
+    """
+    A context in which new TCP connections use congestion control C{name}:
+    on entry it sets C{net.ipv4.tcp_congestion_control} if the machine's
+    differs (which needs root), and on exit it puts the machine's back.
+
+    Every target and driver connects after the change, so all of them use
+    C{name}; it is the one way to give the same setting to peers that have
+    no option for it (socat, the transit relay).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.previous: str | None = None
+
+    def __enter__(self) -> UsingCongestionControl:
+        current = congestionControl()
+        if current is None:
+            raise CongestionControlUnavailable(f"{_CONGESTION} cannot be read: not Linux?")
+        if current == self.name:
+            return self
+        try:
+            with open(_AVAILABLE) as f:
+                available = f.read().split()
+        except OSError:
+            available = []
+        if self.name not in available:
+            raise CongestionControlUnavailable(
+                f"TCP congestion control {self.name!r} is not available here (available: {' '.join(available) or 'unknown'})")
+        try:
+            with open(_CONGESTION, "w") as f:
+                f.write(self.name)
+        except OSError as e:
+            raise CongestionControlUnavailable(
+                f"setting net.ipv4.tcp_congestion_control to {self.name} needs root: {e.strerror}") from e
+        self.previous = current
+        print(f"TCP congestion control set to {self.name} for this run (the machine's is {current})", flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            with open(_CONGESTION, "w") as f:
+                f.write(self.previous)
+            print(f"TCP congestion control back to {self.previous}", flush=True)
+            self.previous = None
 
 
 # ---------------------------------------------------------------------------
@@ -580,8 +654,8 @@ def tableData(rows: Sequence[dict[str, Any]], targets: Sequence[str] | None = No
         label += " ↑" if better == "higher" else " ↓"
         line = [case, label]
         for t in targets:
-            row = values.get((case, metric, t))
-            line.append(formatValue(row["value"]) if row is not None else "")
+            found = values.get((case, metric, t))
+            line.append(formatValue(found["value"]) if found is not None else "")
         for a, b in pairs:
             ra, rb = values.get((case, metric, a)), values.get((case, metric, b))
             if ra and rb and ra["value"] is not None and rb["value"]:

@@ -46,6 +46,18 @@ Workloads (each its own table and JSON file in ``bench/out/``):
     p99 latency (connect to echo) in ms, and the target's CPU ms per
     connection.
 
+TCP congestion control: every connection uses the machine's
+(``net.ipv4.tcp_congestion_control``, recorded with the results) unless
+``--congestion-control NAME`` is given; then the script sets it for its
+run, for every target and driver alike (root only), puts the machine's back
+afterwards, and names its files and titles after it
+(``stream-throughput-cubic.json``).  It matters on loopback: with ``bbr``
+and no ``fq`` qdisc, TCP's own pacing reorders segments between the sending
+process and the pacing timer, and the spurious retransmissions that follow
+bound every relayed target well below what the hop costs (on the machine of
+``RESULTS.md``, about 2.5 times below cubic's figures for socat and
+relaynet alike).
+
 Every figure is the median of ``--runs`` runs (3).  The drivers
 (``bench/drivers/peer.py``) are separate processes using the standard
 library only; see their docstring for what each does.  Ratio columns divide
@@ -331,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc-seconds", type=float, default=None, help="round trips: seconds per run (default: 3; --quick 1)")
     parser.add_argument("--setup-seconds", type=float, default=None, help="set-up: at most this long per run (default: 3; --quick 1)")
     parser.add_argument("--connections", type=int, default=5000, help="set-up: at most this many connections per run (default: 5000)")
+    parser.add_argument("--congestion-control", default=None, metavar="NAME",
+                        help="run under this TCP congestion control (e.g. cubic; sets net.ipv4.tcp_congestion_control "
+                             "for the run, root only; default: the machine's)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.bytes = args.bytes or (256 * MiB if quick else 1024 * MiB)
@@ -350,6 +365,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown workload {name!r}")
     common.installSignalHandlers()
     os.makedirs(common.OUT_DIR, exist_ok=True)
+    if args.congestion_control is None:
+        return measureAll(args, runs, targets, workloads, suffix="")
+    try:
+        with common.UsingCongestionControl(args.congestion_control):
+            return measureAll(args, runs, targets, workloads, suffix=f"-{args.congestion_control}")
+    except common.CongestionControlUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ERROR
+
+
+def measureAll(args: argparse.Namespace, runs: int, targets: list[str], workloads: list[str], suffix: str) -> int:
+    """
+    Run every workload against every target; print and write the tables
+    (C{suffix} goes after each file's name and, spelled out, each title).
+    """
+    quick = args.quick
+    control = common.congestionControl()
     deadline = time.monotonic() + args.timeout
 
     # results[workload][(case, target)] = list of per-run figures
@@ -396,14 +428,16 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(makeRow(case, name, metric, unit, better, values, note=note))
         extra = {
             "config": {"runs": runs, "quick": quick, **{k: v for k, v in vars(args).items() if k in (
-                "bytes", "seconds", "rpc_seconds", "setup_seconds", "connections")}, "socatBuffer": SOCAT_BUFFER},
+                "bytes", "seconds", "rpc_seconds", "setup_seconds", "connections")}, "socatBuffer": SOCAT_BUFFER,
+                "tcpCongestionControl": control},
             "skipped": skipped,
             "failures": [f for f in failures if f" / {workload} / " in f],
             "details": {f"{case} | {name}": figs for (case, name), figs in results[workload].items()},
         }
-        path = common.writeResults(f"stream-{workload}", TITLES[workload], rows, ratios=RATIOS, targets=targets, extra=extra,
-                                   path=None if not args.json else f"{args.json.removesuffix('.json')}-{workload}.json")
-        print(f"\n{TITLES[workload]} (median of {runs}; ratios are relaynet / peer)")
+        title = TITLES[workload] + (f" (TCP congestion control {control})" if suffix else "")
+        path = common.writeResults(f"stream-{workload}{suffix}", title, rows, ratios=RATIOS, targets=targets, extra=extra,
+                                   path=None if not args.json else f"{args.json.removesuffix('.json')}-{workload}{suffix}.json")
+        print(f"\n{TITLES[workload]} (median of {runs}; ratios are relaynet / peer; TCP congestion control {control})")
         common.printTable(rows, targets=[t for t in targets if t not in skipped], ratios=RATIOS)
         print(f"results: {os.path.relpath(path)}")
     for name, why in skipped.items():

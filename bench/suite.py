@@ -13,6 +13,12 @@ and metric, one column per target, and the ratio columns relaynet / peer.
     .venv/bin/python bench/suite.py --quick               # a smoke run: small sizes, 1 run
     .venv/bin/python bench/suite.py --only streams --quick
 
+After ``streams.py``, stream throughput is measured once more under the
+TCP congestion control of ``--congestion-control`` (cubic) if the machine
+uses another, with it set for the whole machine during that run (root only;
+otherwise the report says it was not measured): see ``bench/README.md`` for
+why bbr on loopback hides what a hop costs.
+
 Exit status: 0 if every script exited 0, 1 otherwise.
 """
 
@@ -26,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +43,7 @@ SCRIPTS = ["streams", "rpc", "pubsub", "idle"]
 RESULTS = os.path.join(common.HERE, "RESULTS.md")
 
 
-def collect(script: str, since: float) -> list[dict[str, Any]]:
+def collect(script: str, since: float, taken: Sequence[str] = ()) -> list[dict[str, Any]]:
     """
     The result files in C{bench/out/} that C{script} (e.g. C{rpc}) wrote
     since C{since} (wall clock) and that follow the suite's schema, oldest
@@ -46,7 +53,7 @@ def collect(script: str, since: float) -> list[dict[str, Any]]:
     found = []
     for name in os.listdir(common.OUT_DIR):
         path = os.path.join(common.OUT_DIR, name)
-        if not name.endswith(".json") or os.path.getmtime(path) < since:
+        if not name.endswith(".json") or os.path.getmtime(path) < since or path in taken:
             continue
         try:
             with open(path) as f:
@@ -65,12 +72,15 @@ def collect(script: str, since: float) -> list[dict[str, Any]]:
     return [data for _, data in sorted(found, key=lambda item: item[0])]
 
 
-def runScript(name: str, args: argparse.Namespace, children: common.Children) -> dict[str, Any]:
+def runScript(name: str, args: argparse.Namespace, children: common.Children, extra: Sequence[str] = (),
+              label: str | None = None, taken: Sequence[str] = ()) -> dict[str, Any]:
     """
-    Run C{bench/NAME.py}; return its exit status, duration and results.
+    Run C{bench/NAME.py} (with C{extra} arguments); return its exit status,
+    duration and results (leaving out the files in C{taken}, an earlier
+    run's), under C{label} (a heading; default C{NAME.py}).
     """
     python = common.findPython(args.python)
-    argv = [python, os.path.join(common.HERE, f"{name}.py"), "--runs", str(args.runs)]
+    argv = [python, os.path.join(common.HERE, f"{name}.py"), "--runs", str(args.runs), *extra]
     if args.quick:
         argv.append("--quick")
     if args.python:
@@ -90,9 +100,10 @@ def runScript(name: str, args: argparse.Namespace, children: common.Children) ->
         children.stop(proc)
     return {
         "name": name,
+        "label": label or f"`{name}.py`",
         "status": status,
         "seconds": time.monotonic() - started,
-        "results": collect(name, since),
+        "results": collect(name, since, taken),
     }
 
 
@@ -106,14 +117,16 @@ def markdown(report: list[dict[str, Any]], command: str, missing: list[str]) -> 
         "↓ one where lower is better. Ratio columns divide a relaynet figure by a peer's (for ↑ metrics > 1 means "
         "relaynet is ahead, for ↓ metrics < 1 does).",
         "",
-        f"* Machine: {m['cpus']} CPUs ({m['cpu'] or 'unknown model'}), Linux {m['kernel']}, Python {m['python']}",
+        f"* Machine: {m['cpus']} CPUs ({m['cpu'] or 'unknown model'}), Linux {m['kernel']}, Python {m['python']}, "
+        f"TCP congestion control {m['tcpCongestionControl'] or 'unknown'} (a table that names another ran with it set "
+        "for the whole machine: see `bench/README.md`)",
         f"* Command: `{command}`",
     ]
     if missing:
-        lines.append(f"* Not run (script not present): {', '.join(f'`{name}.py`' for name in missing)}")
+        lines.append(f"* Not run: {', '.join(name if ' ' in name else f'`{name}.py` (not present)' for name in missing)}")
     for script in report:
         status = "timed out" if script["status"] is None else f"exit status {script['status']}"
-        lines += ["", f"## `{script['name']}.py`", "", f"{script['seconds']:.0f} s, {status}."]
+        lines += ["", f"## {script['label']}", "", f"{script['seconds']:.0f} s, {status}."]
         if not script["results"]:
             lines += ["", "No results were written."]
         for result in script["results"]:
@@ -139,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=None, help="passed on: the Python with relaynet (default: .venv/bin/python)")
     parser.add_argument("--script-timeout", type=float, default=1800.0, help="stop a script after this long (default: 1800 s)")
     parser.add_argument("--output", default=RESULTS, help="the Markdown report (default: bench/RESULTS.md)")
+    parser.add_argument("--congestion-control", default="cubic", metavar="NAME",
+                        help="after streams.py, measure stream throughput again under this TCP congestion control, if the "
+                             "machine uses another (needs root; `none`: do not; default: cubic)")
     args = parser.parse_args(argv)
     common.installSignalHandlers()
     os.makedirs(common.OUT_DIR, exist_ok=True)
@@ -152,10 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, common.REPO)
                                                   if sys.executable.startswith(common.REPO) else sys.executable,
                                                   os.path.relpath(os.path.abspath(__file__), common.REPO), *sys.argv[1:]])
+    machineControl = common.congestionControl()
+    control = args.congestion_control if args.congestion_control not in ("none", machineControl) else None
+    if control is not None and "streams" in present and os.geteuid() != 0:
+        print(f"note: stream throughput under {control} needs root (the machine uses {machineControl}): not measured", flush=True)
+        missing.append(f"streams.py under TCP {control} (needs root)")
+        control = None
     report = []
     with common.Children() as children:
         for name in present:
             report.append(runScript(name, args, children))
+            if name == "streams" and control is not None:
+                report.append(runScript(name, args, children, ["--workloads", "throughput", "--congestion-control", control],
+                                        label=f"`streams.py`, throughput under TCP congestion control {control}",
+                                        taken=[r["_path"] for r in report[-1]["results"]]))
     with open(args.output, "w") as f:
         f.write(markdown(report, command, missing))
     print(f"\nwrote {os.path.relpath(args.output, common.REPO)}")
