@@ -380,6 +380,85 @@ class NativeTLSTests(_Behaviour, TestCase):
         self.assertEqual(bytes(listener.received), b"abc")
 
 
+    def rawSender(self, payload: bytes, closeNotify: bool) -> None:
+        """
+        What a plain TLS client may do (Python's C{ssl} here): upgrade, send
+        C{payload} without reading again, then close the socket at once,
+        after its close_notify or without one.  The relay's answer to the
+        close_notify finds the socket closed.
+        """
+        import ssl
+
+        context = ssl.create_default_context(cafile=self.relay.certPath)
+        context.check_hostname = False
+        raw = socket.create_connection(("127.0.0.1", self.relay.port), timeout=10)
+        sock = context.wrap_socket(raw)
+        sock.sendall(
+            f"GET /$hc/hyco?sb-hc-action=connect HTTP/1.1\r\nHost: {self.relay.host}\r\n"
+            f"Upgrade: relaynet-stream\r\nConnection: Upgrade\r\n"
+            f"ServiceBusAuthorization: {self.relay.token('hyco')}\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        sock.sendall(payload)
+        if closeNotify:
+            sock.setblocking(False)
+            try:
+                sock.unwrap()
+            except ssl.SSLWantReadError:
+                # Our close_notify is out; the relay's is not waited for.
+                pass
+        raw.close()
+
+    async def endsAfterSending(self, closeNotify: bool) -> tuple[Sink, bytes]:
+        """
+        L{rawSender} sends 4 MiB to a native listener that reads nothing
+        until the sender is gone (so the relay still holds bytes for it when
+        the sender's end arrives); the listener's protocol, once its
+        connection has ended, and what was sent.
+        """
+        received: list[Sink] = []
+
+        class Receiver(Sink):
+            def connectionMade(self) -> None:
+                received.append(self)
+
+        await self.listen(Factory.forProtocol(Receiver))
+        payload = os.urandom(4 * 1024 * 1024)
+        sending = deferToThreadish(self.rawSender, payload, closeNotify)
+        await waitFor(lambda: received)
+        received[0].transport.pauseProducing()  # type: ignore[union-attr]
+        await sending
+        await deferLater(reactor, 0.2, lambda: None)
+        received[0].transport.resumeProducing()  # type: ignore[union-attr]
+        await waitFor(lambda: received[0].ended.called)
+        return received[0], payload
+
+    async def test_closeNotifyThenClose(self) -> None:
+        """
+        A sender that sends its close_notify and closes its socket without
+        waiting for the relay's (as TLS 1.3 allows) has ended cleanly: all
+        it sent reaches the listener, then a clean end.
+        """
+        listener, payload = await self.endsAfterSending(closeNotify=True)
+        self.assertEqual(hashlib.sha256(listener.received).digest(), hashlib.sha256(payload).digest())
+        self.assertIsInstance(await listener.ended, ConnectionDone)
+
+    async def test_noCloseNotify(self) -> None:
+        """
+        A sender that closes its socket without a close_notify has not
+        ended its TLS stream, as TLS has it (the end could be anyone's):
+        the relay treats it as broken and resets the listener's side.  What
+        the listener got is the start of what was sent, nothing else.
+        """
+        listener, payload = await self.endsAfterSending(closeNotify=False)
+        ended = await listener.ended
+        self.assertNotIsInstance(ended, ConnectionDone)
+        self.assertEqual(bytes(listener.received), payload[: len(listener.received)])
+
+
 class NativeSenderWebSocketListenerTests(_Behaviour, TestCase):
     listenerNative = False
 
