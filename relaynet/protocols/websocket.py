@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -57,6 +57,7 @@ _SPELLING = {
     "sec-websocket-extensions": "Sec-WebSocket-Extensions",
 }
 _PRIVATE_HEADERS = {"servicebusauthorization"}
+_P = TypeVar("_P")
 
 
 def _deny(error: RelayError) -> ConnectionDeny:
@@ -633,6 +634,27 @@ class FailureThrottle:
         )
 
 
+def withFactoryOptions(protocol: type[_P], factory: Any) -> type[_P]:
+    """
+    A subclass of C{protocol}, of the same name, with C{factory}'s autobahn
+    options as class attributes (the ones C{protocol} does not fix itself),
+    and no options left for autobahn to copy per connection.
+
+    autobahn copies every option a connection does not have from its
+    factory onto the connection, and pretty-prints the list for a debug log
+    whether or not it is logged: a tenth of the relay's CPU for each new
+    WebSocket (bench/streams.py's set-up workload: 20-30% more relayed
+    WebSocket connections per second without it).  A connection may still
+    set an option of its own (control channels set their message limits
+    and pings).  Call it once the factory's options are set; later
+    C{setProtocolOptions} calls do not reach connections.
+    """
+    names = [name for name in protocol.CONFIG_ATTRS if not hasattr(protocol, name)]  # type: ignore[attr-defined]
+    # A function as a class attribute would be bound to each connection.
+    fixed = {name: staticmethod(value) if callable(value) else value for name in names for value in [getattr(factory, name)]}
+    return type(protocol.__name__, (protocol,), {**fixed, "CONFIG_ATTRS": [], "__module__": protocol.__module__})
+
+
 class HybridConnectionFactory(WebSocketServerFactory):
     protocol = HybridConnectionProtocol  # type: ignore[assignment]
 
@@ -658,6 +680,7 @@ class HybridConnectionFactory(WebSocketServerFactory):
             # Protocol errors end with a close frame saying why.
             failByDrop=False,
         )
+        self.protocol = withFactoryOptions(HybridConnectionProtocol, self)  # type: ignore[assignment]
 
     def goAway(self) -> None:
         for proto in list(self.connections):

@@ -26,8 +26,10 @@ from relaynet.protocols.control import ControlChannel
 from relaynet.protocols.websocket import (
     ClockTimer,
     HybridConnectionFactory,
+    HybridConnectionProtocol,
     HybridConnectionResource,
     stripRelayParameters,
+    withFactoryOptions,
 )
 from relaynet.test.support import FakeTcp, headerValue, parseFrames, reassemble, unmask
 
@@ -544,6 +546,65 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(calls, [])
         clock.advance(0.1)
         self.assertEqual(calls, [1])
+
+
+class FactoryOptionsTests(SynchronousTestCase):
+    """
+    The relay's connections take autobahn's options from their class, not
+    each a copy in its own C{__dict__}.
+    """
+
+    def test_optionsOnTheClass(self) -> None:
+        """
+        A relayed connection has the factory's options (the handshake
+        timeout from the relay's settings, the others from
+        C{setProtocolOptions}), none of them in its C{__dict__}, and its
+        class keeps the protocol's name.
+        """
+        harness = Harness(RelaySettings(acceptTimeout=7))
+        listener = harness.listen()
+        # An offer of compression, declined by the factory's function,
+        # which stays a plain function on the class.
+        sender = harness.send(headers=[("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")])
+        accepted = harness.rendezvous(listener.commands()[-1]["accept"]["address"])
+        self.assertEqual((sender.status, accepted.status), (101, 101))
+        self.assertIsNone(sender.header("Sec-WebSocket-Extensions"))
+        for peer in (listener, sender, accepted):
+            proto = peer.proto
+            self.assertIsInstance(proto, HybridConnectionProtocol)
+            self.assertEqual(type(proto).__name__, "HybridConnectionProtocol")
+            self.assertEqual(proto.openHandshakeTimeout, 17)
+            self.assertEqual((proto.failByDrop, proto.echoCloseCodeReason), (False, True))
+            copied = [name for name in HybridConnectionProtocol.CONFIG_ATTRS if name in vars(proto)]
+            # A control channel sets its own message limits and pings.
+            own = {"maxMessagePayloadSize", "maxFramePayloadSize", "autoPingInterval", "autoPingTimeout"}
+            self.assertEqual(set(copied) - own, set())
+        self.assertEqual([name for name in HybridConnectionProtocol.CONFIG_ATTRS if name in vars(sender.proto)], [])
+
+    def test_eachFactoryItsOwn(self) -> None:
+        """
+        Two relays with other settings give their connections other
+        options.
+        """
+        first = Harness(RelaySettings(acceptTimeout=1)).factory.protocol
+        second = Harness(RelaySettings(acceptTimeout=2)).factory.protocol
+        self.assertEqual((first.openHandshakeTimeout, second.openHandshakeTimeout), (11, 12))
+
+    def test_functionsStayUnbound(self) -> None:
+        """
+        A function given as an option is called as given, not as a method.
+        """
+
+        class Factory:
+            pass
+
+        factory = Factory()
+        for name in HybridConnectionProtocol.CONFIG_ATTRS:
+            setattr(factory, name, None)
+        factory.perMessageCompressionAccept = lambda offers: ("chose from", offers)  # type: ignore[attr-defined]
+        protocol = withFactoryOptions(HybridConnectionProtocol, factory)
+        self.assertEqual(protocol().perMessageCompressionAccept(["x"]), ("chose from", ["x"]))
+        self.assertEqual(protocol.CONFIG_ATTRS, [])
 
 
 class ResourceTests(SynchronousTestCase):
