@@ -108,11 +108,20 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: Sequence[str], *, log: str | None = None, env: dict[str, str] | None = None,
-              stdin: Any = subprocess.DEVNULL, stdout: Any = None, cwd: str = REPO) -> subprocess.Popen[bytes]:
+              stdin: Any = subprocess.DEVNULL, stdout: Any = None, cwd: str = REPO,
+              cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
         """
         Start C{argv}.  With C{log}, stdout and stderr go to that file
         (appended); otherwise stdout is C{stdout} and stderr is inherited.
+        With C{cpus}, the child and every thread and process it makes run on
+        those CPUs only.
         """
+
+        def prepare() -> None:
+            dieWithParent()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         logFile = open(log, "ab") if log else None  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
@@ -122,7 +131,7 @@ class Children:
                 stdin=stdin,
                 stdout=logFile if logFile else stdout,
                 stderr=subprocess.STDOUT if logFile else None,
-                preexec_fn=dieWithParent,  # noqa: PLW1509 - only a prctl() call
+                preexec_fn=prepare,  # noqa: PLW1509 - only prctl() and sched_setaffinity()
             )
         finally:
             if logFile:
@@ -353,7 +362,8 @@ class Relay:
     """
 
     def __init__(self, children: Children, *, python: str | None = None, entityArgs: Sequence[str] = ("--entity", ENTITY),
-                 extraArgs: Sequence[str] = (), log: str | None = None, timeout: float = 30.0) -> None:
+                 extraArgs: Sequence[str] = (), log: str | None = None, timeout: float = 30.0,
+                 cpus: set[int] | None = None) -> None:
         """
         Start the relay and wait until it listens (three attempts, in case
         the free port is taken in between).
@@ -362,6 +372,7 @@ class Relay:
             C{("--entity", "bench")} or C{("--event", "news")}.
         @param log: the relay's log file (appended to; default
             C{bench/out/suite-relay.log}).
+        @param cpus: the CPUs the relay may run on (default: any).
         """
         self.children = children
         self.python = findPython(python)
@@ -381,7 +392,7 @@ class Relay:
                 "--data-dir", self.dataDir,
                 *extraArgs,
             ]
-            self.proc = children.start(argv, log=self.log)
+            self.proc = children.start(argv, log=self.log, cpus=cpus)
             try:
                 waitForPort(self.port, self.proc, timeout, "the relay")
                 return

@@ -58,6 +58,14 @@ bound every relayed target well below what the hop costs (on the machine of
 ``RESULTS.md``, about 2.5 times below cubic's figures for socat and
 relaynet alike).
 
+Placement: with three busy processes (relay, sender, receiver) on a
+two-CPU machine, where the scheduler puts them moves a single stream's
+figures by a third or more, for every target alike, from run to run.
+``--pin`` fixes it: each target (the relay, socat and its forks, the
+transit relay, with all their threads) runs on the last CPU and the drivers
+on the others, the same for every target; files and titles say so
+(``stream-rpc-pinned.json``).
+
 Every figure is the median of ``--runs`` runs (3).  The drivers
 (``bench/drivers/peer.py``) are separate processes using the standard
 library only; see their docstring for what each does.  Ratio columns divide
@@ -145,7 +153,7 @@ def startTarget(name: str, children: Children, args: argparse.Namespace) -> Targ
         proc = children.start(
             [socat, "-b", str(SOCAT_BUFFER), f"TCP-LISTEN:{outer},bind=127.0.0.1,fork,reuseaddr,nodelay",
              f"TCP:127.0.0.1:{inner},nodelay"],
-            log=os.path.join(common.OUT_DIR, "streams-socat.log"),
+            log=os.path.join(common.OUT_DIR, "streams-socat.log"), cpus=args.targetCpus,
         )
         common.waitForPort(outer, proc, 10, "socat")
         target.pid = proc.pid
@@ -160,7 +168,7 @@ def startTarget(name: str, children: Children, args: argparse.Namespace) -> Targ
         proc = children.start(
             [twistd, "-n", "--pidfile=", "transitrelay", f"--port=tcp:{port}:interface=127.0.0.1"],
             log=os.path.join(common.OUT_DIR, "streams-transit.log"),
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), cpus=args.targetCpus,
         )
         common.waitForPort(port, proc, 30, "the transit relay")
         target.pid = proc.pid
@@ -168,7 +176,7 @@ def startTarget(name: str, children: Children, args: argparse.Namespace) -> Targ
         target.sender = {"mode": "transit", "port": port, "seed": seed}
         target.stop = lambda: children.stop(proc)  # type: ignore[method-assign]
     else:
-        relay = Relay(children, python=args.python, log=os.path.join(common.OUT_DIR, "streams-relay.log"))
+        relay = Relay(children, python=args.python, log=os.path.join(common.OUT_DIR, "streams-relay.log"), cpus=args.targetCpus)
         if name == "relaynet-native" and not nativeSupported(relay):
             relay.stop()
             raise Unavailable("the relay does not answer `Upgrade: relaynet-stream` yet (native fast path missing)")
@@ -219,7 +227,7 @@ def driver(children: Children, name: str, role: str, workload: str, config: dict
     python = sys.executable
     proc = children.start(
         [python, DRIVER, "--role", role, "--workload", workload, "--config", json.dumps(config)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cpus=args.driverCpus,
     )
     return JsonLines(f"{name} {role}", proc)
 
@@ -343,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc-seconds", type=float, default=None, help="round trips: seconds per run (default: 3; --quick 1)")
     parser.add_argument("--setup-seconds", type=float, default=None, help="set-up: at most this long per run (default: 3; --quick 1)")
     parser.add_argument("--connections", type=int, default=5000, help="set-up: at most this many connections per run (default: 5000)")
+    parser.add_argument("--pin", action="store_true",
+                        help="run each target (relay, socat, transit relay) on the last CPU and the drivers on the "
+                             "others, the same for every target, instead of wherever the scheduler puts them")
     parser.add_argument("--congestion-control", default=None, metavar="NAME",
                         help="run under this TCP congestion control (e.g. cubic; sets net.ipv4.tcp_congestion_control "
                              "for the run, root only; default: the machine's)")
@@ -363,13 +374,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in workloads:
         if name not in WORKLOADS:
             parser.error(f"unknown workload {name!r}")
+    args.targetCpus = args.driverCpus = None
+    suffix = ""
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least two CPUs")
+        args.targetCpus, args.driverCpus = {cpus[-1]}, set(cpus[:-1])
+        suffix = "-pinned"
     common.installSignalHandlers()
     os.makedirs(common.OUT_DIR, exist_ok=True)
     if args.congestion_control is None:
-        return measureAll(args, runs, targets, workloads, suffix="")
+        return measureAll(args, runs, targets, workloads, suffix=suffix)
     try:
         with common.UsingCongestionControl(args.congestion_control):
-            return measureAll(args, runs, targets, workloads, suffix=f"-{args.congestion_control}")
+            return measureAll(args, runs, targets, workloads, suffix=f"-{args.congestion_control}{suffix}")
     except common.CongestionControlUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_ERROR
@@ -429,15 +448,20 @@ def measureAll(args: argparse.Namespace, runs: int, targets: list[str], workload
         extra = {
             "config": {"runs": runs, "quick": quick, **{k: v for k, v in vars(args).items() if k in (
                 "bytes", "seconds", "rpc_seconds", "setup_seconds", "connections")}, "socatBuffer": SOCAT_BUFFER,
-                "tcpCongestionControl": control},
+                "tcpCongestionControl": control,
+                "pinned": {"target": sorted(args.targetCpus), "drivers": sorted(args.driverCpus)} if args.pin else None},
             "skipped": skipped,
             "failures": [f for f in failures if f" / {workload} / " in f],
             "details": {f"{case} | {name}": figs for (case, name), figs in results[workload].items()},
         }
-        title = TITLES[workload] + (f" (TCP congestion control {control})" if suffix else "")
+        conditions = [f"TCP congestion control {control}"] if args.congestion_control else []
+        if args.pin:
+            conditions.append(f"target on CPU {','.join(map(str, sorted(args.targetCpus)))}, "
+                              f"drivers on CPU {','.join(map(str, sorted(args.driverCpus)))}")
+        title = TITLES[workload] + (f" ({'; '.join(conditions)})" if conditions else "")
         path = common.writeResults(f"stream-{workload}{suffix}", title, rows, ratios=RATIOS, targets=targets, extra=extra,
                                    path=None if not args.json else f"{args.json.removesuffix('.json')}-{workload}{suffix}.json")
-        print(f"\n{TITLES[workload]} (median of {runs}; ratios are relaynet / peer; TCP congestion control {control})")
+        print(f"\n{title} (median of {runs}; ratios are relaynet / peer; TCP congestion control {control})")
         common.printTable(rows, targets=[t for t in targets if t not in skipped], ratios=RATIOS)
         print(f"results: {os.path.relpath(path)}")
     for name, why in skipped.items():

@@ -19,6 +19,12 @@ uses another, with it set for the whole machine during that run (root only;
 otherwise the report says it was not measured): see ``bench/README.md`` for
 why bbr on loopback hides what a hop costs.
 
+Then socat and relaynet's native path are measured once more for
+throughput and round trips with ``streams.py --pin`` (each target on a CPU
+of its own, the drivers on the others; ``--no-pin`` skips it): on two
+CPUs, where the scheduler puts three busy processes moves a single
+stream's figures by a third from run to run.
+
 Exit status: 0 if every script exited 0, 1 otherwise.
 """
 
@@ -152,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=None, help="passed on: the Python with relaynet (default: .venv/bin/python)")
     parser.add_argument("--script-timeout", type=float, default=1800.0, help="stop a script after this long (default: 1800 s)")
     parser.add_argument("--output", default=RESULTS, help="the Markdown report (default: bench/RESULTS.md)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="skip the second pass of socat against the native path with each target on a CPU of its own")
     parser.add_argument("--congestion-control", default="cubic", metavar="NAME",
                         help="after streams.py, measure stream throughput again under this TCP congestion control, if the "
                              "machine uses another (needs root; `none`: do not; default: cubic)")
@@ -182,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                 report.append(runScript(name, args, children, ["--workloads", "throughput", "--congestion-control", control],
                                         label=f"`streams.py`, throughput under TCP congestion control {control}",
                                         taken=[r["_path"] for r in report[-1]["results"]]))
+            if name == "streams" and not args.no_pin:
+                report.append(runScript(name, args, children, ["--targets", "socat,relaynet-native", "--workloads", "throughput,rpc",
+                                                               "--pin"],
+                                        label="`streams.py --pin`: socat and the native path, each on a CPU of its own",
+                                        taken=[r["_path"] for script in report for r in script["results"]]))
     with open(args.output, "w") as f:
         f.write(markdown(report, command, missing))
     print(f"\nwrote {os.path.relpath(args.output, common.REPO)}")
