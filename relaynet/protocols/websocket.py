@@ -649,10 +649,13 @@ def withFactoryOptions(protocol: type[_P], factory: Any) -> type[_P]:
     and pings).  Call it once the factory's options are set; later
     C{setProtocolOptions} calls do not reach connections.
     """
-    names = [name for name in protocol.CONFIG_ATTRS if not hasattr(protocol, name)]  # type: ignore[attr-defined]
-    # A function as a class attribute would be bound to each connection.
-    fixed = {name: staticmethod(value) if callable(value) else value for name in names for value in [getattr(factory, name)]}
-    return type(protocol.__name__, (protocol,), {**fixed, "CONFIG_ATTRS": [], "__module__": protocol.__module__})
+    fixed: dict[str, Any] = {"CONFIG_ATTRS": [], "__module__": protocol.__module__}
+    for name in protocol.CONFIG_ATTRS:  # type: ignore[attr-defined]
+        if not hasattr(protocol, name):
+            value = getattr(factory, name)
+            # A function as a class attribute would be bound to each connection.
+            fixed[name] = staticmethod(value) if callable(value) else value
+    return type(protocol.__name__, (protocol,), fixed)
 
 
 class HybridConnectionFactory(WebSocketServerFactory):
