@@ -399,7 +399,6 @@ def measureAll(args: argparse.Namespace, runs: int, targets: list[str], workload
     Run every workload against every target; print and write the tables
     (C{suffix} goes after each file's name and, spelled out, each title).
     """
-    quick = args.quick
     control = common.congestionControl()
     deadline = time.monotonic() + args.timeout
 
@@ -446,7 +445,7 @@ def measureAll(args: argparse.Namespace, runs: int, targets: list[str], workload
                     note = "no relaying process" if key.startswith("cpu") and name == "direct" else None
                     rows.append(makeRow(case, name, metric, unit, better, values, note=note))
         extra = {
-            "config": {"runs": runs, "quick": quick, **{k: v for k, v in vars(args).items() if k in (
+            "config": {"runs": runs, "quick": args.quick, **{k: v for k, v in vars(args).items() if k in (
                 "bytes", "seconds", "rpc_seconds", "setup_seconds", "connections")}, "socatBuffer": SOCAT_BUFFER,
                 "tcpCongestionControl": control,
                 "pinned": {"target": sorted(args.targetCpus), "drivers": sorted(args.driverCpus)} if args.pin else None},
