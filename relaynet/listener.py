@@ -313,7 +313,7 @@ class _RequestBody:
         (as a body that came on the control channel has); L{None} otherwise.
         It can then not be delivered to a protocol.
         """
-        if self._end is not _COMPLETE or self._protocol is not None or self._stopped:
+        if self._end is not _COMPLETE or self._protocol is not None:
             return None
         self._protocol = _TAKEN
         self._endDelivered = True

@@ -16,8 +16,10 @@ slows the publisher or the other subscribers.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -28,7 +30,7 @@ from relaynet.registry import randomHex
 if TYPE_CHECKING:
     from relaynet.protocols.control import ControlChannel
 
-__all__ = ["Outbox", "eventCommand", "SharedCommand", "DiscardLeg", "PublisherLeg", "EVENT_ID_PREFIX"]
+__all__ = ["Outbox", "eventCommand", "entityPath", "SharedCommand", "DiscardLeg", "PublisherLeg", "EVENT_ID_PREFIX"]
 
 log = Logger()
 
@@ -84,8 +86,7 @@ class Outbox:
         while queue and not self._paused:
             # Many at a time: the transport's checks and its pause (once its
             # buffer is full) cost a call per batch rather than per event.
-            frames = queue.popleft()
-            batch, size = [frames], len(frames)
+            batch, size = [], 0
             while queue and size < DRAIN_BYTES:
                 frames = queue.popleft()
                 batch.append(frames)
@@ -102,6 +103,14 @@ class Outbox:
     def stopProducing(self) -> None:
         self._paused = True
         self._queue.clear()
+
+
+@functools.lru_cache(maxsize=1024)
+def entityPath(name: str) -> str:
+    """
+    An entity's name (and suffix) as it goes in a rendezvous address.
+    """
+    return quote(name, safe="/;:@&=+$,!~*()-._")
 
 
 def eventCommand(
@@ -220,12 +229,9 @@ class PublisherLeg:
     def messageEnd(self) -> None:
         if self._tooLarge:
             return
-        from urllib.parse import quote
-
         info = self.proto.info
         body = b"".join(self._parts)
         self._parts = []
-        entityPath = quote(self.entity.name + self.suffix, safe="/;:@&=+$,!~*()-._")
         headers = {
             "Content-Type": "application/octet-stream" if self._isBinary else "text/plain; charset=utf-8",
             "Content-Length": str(len(body)),
@@ -234,7 +240,7 @@ class PublisherLeg:
         target = "/" + self.entity.name + self.suffix
 
         self.relay.registry.broadcast(
-            self.entity, SharedCommand(entityPath, target, headers, info.remoteEndpoint(), True), body
+            self.entity, SharedCommand(entityPath(self.entity.name + self.suffix), target, headers, info.remoteEndpoint(), True), body
         )
 
     def closeFrame(self, code: int | None, reason: bytes | None) -> bool:

@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, unquote
 from xml.sax.saxutils import escape
 
 from twisted.internet.interfaces import IDelayedCall
@@ -44,6 +44,7 @@ from relaynet.errors import (
 )
 from relaynet.protocols.control import encodeCommand
 from relaynet.protocols.frames import writeNow
+from relaynet.protocols.pubsub import entityPath
 from relaynet.protocols.splice import ReadSide
 from relaynet.protocols.websocket import stripRelayParameters
 from relaynet.registry import IListenerChannel, newConnectionId
@@ -80,14 +81,6 @@ _NO_BODY = {204, 304}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
-
-
-@functools.lru_cache(maxsize=1024)
-def _entityPath(name: str) -> str:
-    """
-    An entity's name (and suffix) as it goes in a rendezvous address.
-    """
-    return quote(name, safe="/;:@&=+$,!~*()-._")
 
 
 def soapVersion(request: Request) -> str | None:
@@ -258,6 +251,8 @@ class HttpExchange:
     channel: IListenerChannel | None = None
     leg: HybridConnectionProtocol | None = None
     responding = False
+    # The response has no body (HEAD, 1xx, 204, 304), set with its head.
+    _bodiless = False
     finished = False
     overRendezvous = False
     _deadline: IDelayedCall | None = None
@@ -311,8 +306,8 @@ class HttpExchange:
         if "websocket" in (self._header("upgrade") or "").lower():
             raise BadRequest("HTTP relaying does not upgrade connections: WebSocket senders connect under /$hc/.")
         path = self.path
-        self.entity, self.suffix = self.relay.namespace.resolve(unquote(path) if "%" in path else path)
-        self.entityPath = _entityPath(self.entity.name + self.suffix)
+        self.entity, self.suffix = self.relay.namespace.resolve(unquote(path))
+        self.entityPath = entityPath(self.entity.name + self.suffix)
         self.relay.authorize(self._handshakeInfo(), self.entity, Rights.SEND, token=self._token())
         oneWay = (self._header(_ONE_WAY) or "").lower() in ("1", "true", "yes")
         self.message = self.entity.kind == "event" or oneWay
@@ -472,7 +467,7 @@ class HttpExchange:
 
     def _readHeaders(self) -> dict[str, tuple[str, Sequence[bytes]]]:
         """
-        The request's headers by lower-case name: (name as sent, values).
+        The request's headers by lower-case name: (canonical name, values).
         Read in one pass, once: twisted.web encodes the name again on every
         lookup.
         """
@@ -632,10 +627,10 @@ class HttpExchange:
         headers = response.get("responseHeaders")
         responseHeaders = request.responseHeaders
         # (Methods are case-sensitive: "head" is not HEAD, and has a body.)
-        keepLength = self.method == "HEAD" or code in _NO_BODY
+        self._bodiless = self.method == "HEAD" or code in _NO_BODY
         for name, value in (headers.items() if isinstance(headers, dict) else []):
             lower = str(name).lower()
-            if not _TOKEN.match(lower) or (lower in _HOP_BY_HOP and not (keepLength and lower == "content-length")):
+            if not _TOKEN.match(lower) or (lower in _HOP_BY_HOP and not (self._bodiless and lower == "content-length")):
                 continue
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
@@ -667,7 +662,7 @@ class HttpExchange:
         """
         request = self.request
         headers = request.responseHeaders
-        if self.method == "HEAD" or request.code in _NO_BODY:
+        if self._bodiless:
             body = b""  # (a Content-Length from the listener stays)
         else:
             headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])

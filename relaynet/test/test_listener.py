@@ -516,7 +516,10 @@ class ControlChannelRequestTests(SynchronousTestCase):
         control.sendJson(fullRequest(method="POST", body=True))
         control.send(BINARY, b"abc")
         [request] = h.handler.requests
+        # Taken whole, not streamed to a protocol.
+        patched = self.patch(request, "deliverBody", lambda protocol: self.fail("readBody went through deliverBody"))
         self.assertEqual(self.successResultOf(readBody(request)), b"abc")
+        patched.restore()
         self.assertRaises(RuntimeError, request.deliverBody, Chunks())
         self.assertRaises(RuntimeError, readBody, request)
 
@@ -759,6 +762,16 @@ class ControlReaderTests(SynchronousTestCase):
         control.send(BINARY, b"x" * 600, fin=False)
         control.send(CONTINUATION, b"x" * 401)
         self.assertEqual(control.closes(), [1009])
+
+    def test_noLimit(self) -> None:
+        """
+        C{maxMessageSize=0} sets no limit.
+        """
+        h = Harness(maxMessageSize=0)
+        control = h.listen()
+        control.send(BINARY, b"x" * 600, fin=False)
+        control.send(CONTINUATION, b"x" * (2 * 1024 * 1024))
+        self.assertEqual(control.closes(), [])
 
     def test_trafficStandsInForAPong(self) -> None:
         """
