@@ -65,6 +65,7 @@ from zope.interface import implementer
 
 from relaynet.auth import mintToken
 from relaynet.listener import AcceptHandler, AcceptRequest, HybridListener, RelayRefused
+from relaynet.logs import setLogLevel
 from relaynet.streams import (
     AuthorizationError,
     ConnectTimeoutError,
@@ -1261,6 +1262,8 @@ def _logTo(err: IO[str], verbose: bool) -> None:
             return PredicateResult.yes
         return PredicateResult.no
 
+    if verbose:
+        setLogLevel(LogLevel.debug)
     observer = FilteringLogObserver(cast(ILogObserver, write), [cast(ILogFilterPredicate, wanted)])
     globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
 

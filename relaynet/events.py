@@ -28,6 +28,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from relaynet import logs
 from relaynet.listener import HybridListener, RelayedHttpRequest
 from relaynet.listener import readBody as readRelayedBody
 from relaynet.streams import resourceUri
@@ -43,7 +44,7 @@ __all__ = [
     "DELIVERED_HEADER",
 ]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 ONE_WAY_HEADER = "Relay-Oneway"
 DELIVERED_HEADER = "Relay-Delivered-To"

@@ -84,6 +84,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
+from relaynet import logs
 from relaynet.auth import SasToken
 from relaynet.protocols.websocket import ClockTimer, DirectIO, cancelTimers, stripRelayParameters
 from relaynet.protocols.control import encodeCommand
@@ -114,7 +115,7 @@ __all__ = [
     "sasTokenProvider",
 ]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 CONTROL_BODY_LIMIT = 64 * 1024
 """

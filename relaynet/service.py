@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relaynet import logs
 from relaynet.auth import Authorizer, Rule, generateKey, mintToken
 from relaynet.core import Relay, RelaySettings
 from relaynet.entities import Namespace
@@ -23,7 +24,7 @@ from relaynet.frontdoor import makeSite
 
 __all__ = ["RelayService", "loadOrCreateKey"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 ROOT_RULE = "RootManageSharedAccessKey"
 KEY_FILE = "namespace-key.json"

@@ -17,6 +17,7 @@ from twisted.python import usage
 from relaynet.auth import Rights, Rule
 from relaynet.core import RelaySettings
 from relaynet.entities import Entity, validEntityName
+from relaynet.logs import LEVEL_NAMES, setLogLevel
 
 __all__ = ["Options", "makeService"]
 
@@ -80,6 +81,7 @@ class Options(usage.Options):
         ["data-dir", "d", None, "Directory for the relay's own files (default: relaynet-data)."],
         ["max-listeners", None, None, "Listeners per entity (default: 25)", positiveNumber(int)],
         ["max-subscribers", None, None, "Subscribers per event entity (default: 10000)", positiveNumber(int)],
+        ["log-level", None, None, "The least important of relaynet's log events to write: debug, info, warn, error or critical (default: info)."],
     ] + [
         [name, None, None, f"{doc} (default: {getattr(RelaySettings, attr)})", positiveNumber(kind)]
         for name, attr, kind, doc in _SETTINGS
@@ -148,6 +150,10 @@ class Options(usage.Options):
             self["max-listeners"] = 25
         if self["max-subscribers"] is None:
             self["max-subscribers"] = 10000
+        if self["log-level"] is None:
+            self["log-level"] = "info"
+        if self["log-level"] not in LEVEL_NAMES:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(LEVEL_NAMES)}, not {self['log-level']!r}")
         self["settings"] = RelaySettings(
             **{attr: self[name] for name, attr, _, _ in _SETTINGS if self[name] is not None}
         )
@@ -235,7 +241,7 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
     Merge a parsed config file into C{options}: lists add to what the
     command line gave, and single values fill in what it did not.
     """
-    known = {"listen", "rule", "entity", "event", "anonymous-senders", "hostname", "dynamic-entities", "access-log", "data-dir", "max-listeners", "max-subscribers"}
+    known = {"listen", "rule", "entity", "event", "anonymous-senders", "hostname", "dynamic-entities", "access-log", "data-dir", "max-listeners", "max-subscribers", "log-level"}
     known.update(name for name, _, _, _ in _SETTINGS)
     unknown = set(config) - known
     if unknown:
@@ -250,7 +256,7 @@ def applyConfig(options: Options, config: dict[str, Any]) -> None:
         options["dynamic-entities"] = True
     if _value(config, "access-log", bool, False):
         options["access-log"] = True
-    kinds = {"data-dir": str, "max-listeners": int, "max-subscribers": int, **{name: kind for name, _, kind, _ in _SETTINGS}}
+    kinds = {"data-dir": str, "log-level": str, "max-listeners": int, "max-subscribers": int, **{name: kind for name, _, kind, _ in _SETTINGS}}
     for name, kind in kinds.items():
         if options[name] is None:
             options[name] = _value(config, name, kind)
@@ -264,4 +270,5 @@ def makeService(config: Options, reactor: IReactorTime | None = None) -> IServic
     from relaynet.service import RelayService
 
     os.makedirs(config["data-dir"], exist_ok=True)
+    setLogLevel(config["log-level"])
     return RelayService.fromOptions(config, reactor)

@@ -72,6 +72,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from relaynet import logs
 from relaynet.auth import Authorizer, Rule, generateKey, mintToken
 from relaynet.core import Relay, RelaySettings
 from relaynet.entities import Entity, Namespace
@@ -90,7 +91,7 @@ __all__ = [
     "NotSettled",
 ]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 START_TIME = 1_700_000_000.0
 """

@@ -59,13 +59,14 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from relaynet import logs
 from relaynet.auth import mintToken
 from relaynet.listener import HybridListener, RelayedHttpRequest
 from relaynet.tokens import TokenProvider
 
 __all__ = ["WebListener", "sasHeaders"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 HTTP_VERSION = b"HTTP/1.1"
 _NO_ADDRESS = IPv4Address("TCP", "0.0.0.0", 0)

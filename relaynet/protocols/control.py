@@ -17,12 +17,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relaynet import logs
 from relaynet.auth import Rights, SasToken
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.entities import Entity
 from relaynet.errors import BadGateway, BadRequest, RelayError
 from relaynet.protocols.frames import serverHeader, writeNow
-from relaynet.protocols.pubsub import FELL_BEHIND, Outbox
+from relaynet.protocols.pubsub import EVENT_ID_PREFIX, FELL_BEHIND, Outbox
 from relaynet.registry import IListenerChannel
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ControlChannel", "closeReason", "encodeCommand"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
@@ -210,11 +211,14 @@ class ControlChannel:
             log.warn("listener {listener} sent an unknown command {kind!r}", listener=self.listenerId, kind=kind)
 
     def _response(self, response: dict[str, Any]) -> None:
-        exchange = self.exchanges.get(str(response.get("requestId")))
+        requestId = str(response.get("requestId"))
+        exchange = self.exchanges.get(requestId)
         if exchange is None:
-            # Answered already (or timed out), or a sender that left: its
-            # body, if any, is dropped as a stray.
-            log.debug("listener {listener} answered an unknown request", listener=self.listenerId)
+            # An event's answer (nobody waits for it), a request answered
+            # already or timed out, or a sender that left: its body, if any,
+            # is dropped as a stray.
+            if not requestId.startswith(EVENT_ID_PREFIX):
+                log.debug("listener {listener} answered an unknown request", listener=self.listenerId)
             return
         if exchange.responseReceived(response, overLeg=False):
             self._bodyFor = exchange

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from relaynet import logs
 from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, RelayError
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["UPGRADE", "BridgeLeg", "NativeParty", "NativeSender", "RawEnd", "isNativeUpgrade"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 #: The C{Upgrade} token of a native stream.
 UPGRADE = "relaynet-stream"

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relaynet import logs
 from relaynet.registry import randomHex
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Outbox", "eventCommand", "entityPath", "SharedCommand", "DiscardLeg", "PublisherLeg", "EVENT_ID_PREFIX"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 EVENT_ID_PREFIX = "evt_"
 FELL_BEHIND = 4008

@@ -29,6 +29,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from relaynet import logs
 from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.entities import Entity
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HttpExchange", "RelayHttpChannel", "RelayRequest", "errorBody"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 CONTROL_BODY_LIMIT = 65536
 # A request with this header set to true is a one-way message.

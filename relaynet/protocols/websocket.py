@@ -30,6 +30,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relaynet import logs
 from relaynet.auth import Rights
 from relaynet.core import HandshakeInfo, Relay
 from relaynet.errors import BadGateway, BadRequest, Gone, ListenerTimeout, RelayError, ServerBusy, safeReason
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClockTimer", "DirectIO", "cancelTimers", "HybridConnectionFactory", "HybridConnectionProtocol", "HybridConnectionResource"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 MAX_ID_LENGTH = 128
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")

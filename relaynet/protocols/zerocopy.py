@@ -44,9 +44,11 @@ from twisted.internet.interfaces import IReactorFDSet, IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relaynet import logs
+
 __all__ = ["KernelSplice", "PipePool", "SpliceLoop", "available"]
 
-log = Logger()
+log = Logger(observer=logs.observer)
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 #: The pipe size asked for: the most one splice call moves.

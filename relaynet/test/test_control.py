@@ -11,12 +11,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from relaynet.auth import Authorizer, Rights, Rule, SasToken, mintToken
 from relaynet.core import HandshakeInfo, Relay, RelaySettings
 from relaynet.entities import Entity, Namespace
+from relaynet.logs import logLevel, setLogLevel
 from relaynet.protocols.control import ControlChannel, closeReason
 from relaynet.registry import IListenerChannel, MemoryRegistry
 from relaynet.test.support import parseFrames
@@ -206,6 +208,25 @@ class ChannelTests(SynchronousTestCase):
             channel.messageReceived(payload, isBinary)
         self.assertEqual(proto.closes, [])
         self.assertTrue(channel.registered)
+
+    def test_strayAnswers(self) -> None:
+        """
+        An answer to no pending request is dropped.  One to an event (which
+        nobody waits on) is dropped silently; another is logged at debug.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.addCleanup(setLogLevel, logLevel())
+        setLogLevel("debug")
+        channel, proto = self.channel()
+        del events[:]
+        channel.messageReceived(b'{"response":{"requestId":"evt_1","statusCode":202}}', False)
+        self.assertEqual([e for e in events if e.get("log_namespace") == "relaynet.protocols.control"], [])
+        channel.messageReceived(b'{"response":{"requestId":"r9","statusCode":200}}', False)
+        [event] = [e for e in events if e.get("log_namespace") == "relaynet.protocols.control"]
+        self.assertEqual(event["log_format"], "listener {listener} answered an unknown request")
+        self.assertEqual((proto.closes, channel.registered), ([], True))
 
     def test_lostUnregistersOnce(self) -> None:
         channel, _ = self.channel()

@@ -12,12 +12,14 @@ import stat
 
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from relaynet.auth import ALL_RIGHTS, Rights, Rule
 from relaynet.core import RelaySettings
+from relaynet.logs import logLevel, setLogLevel
 from relaynet.service import KEY_FILE, ROOT_RULE
 from relaynet.tap import DEFAULT_LISTEN, Options, makeService
 
@@ -125,6 +127,12 @@ class OptionsTests(SynchronousTestCase):
             with self.subTest(option=option):
                 self.assertRaises(usage.UsageError, parse, option, "0")
 
+    def test_logLevel(self) -> None:
+        self.assertEqual(parse()["log-level"], "info")
+        self.assertEqual(parse("--log-level", "debug")["log-level"], "debug")
+        error = self.assertRaises(usage.UsageError, parse, "--log-level", "loud")
+        self.assertIn("--log-level must be one of debug, info, warn, error, critical, not 'loud'", str(error))
+
     def test_pingTimeoutMustExceedInterval(self) -> None:
         self.assertRaises(usage.UsageError, parse, "--ping-interval", "30", "--ping-timeout", "30")
         self.assertRaises(usage.UsageError, parse, "--ping-interval", "30", "--ping-timeout", "20")
@@ -168,6 +176,11 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertEqual(options["settings"].acceptTimeout, 12)
         self.assertEqual(options["settings"].tokenGrace, 9)
         self.assertTrue(options["dynamic-entities"])
+
+    def test_logLevelFromFile(self) -> None:
+        self.assertEqual(parse("--config", self.config('log-level = "warn"\n'))["log-level"], "warn")
+        error = self.assertRaises(usage.UsageError, parse, "--config", self.config('log-level = "loud"\n'))
+        self.assertIn("--log-level must be one of", str(error))
 
     def test_commandLineWinsForSingleValues(self) -> None:
         path = self.config('data-dir = "/from/file"\nmax-listeners = 4\naccept-timeout = 12\n')
@@ -265,6 +278,16 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers], [(9091, "127.0.0.2"), (9092, "")])
         self.assertIs(reactor.tcpServers[0][1], reactor.tcpServers[1][1])
+
+    def test_setsTheLogLevel(self) -> None:
+        """
+        The service sets relaynet's log level: C{info} unless asked.
+        """
+        self.addCleanup(setLogLevel, logLevel())
+        makeService(parse("--log-level", "debug", "--data-dir", self.mktemp()), MemoryReactorClock())
+        self.assertEqual(logLevel(), LogLevel.debug)
+        makeService(parse("--data-dir", self.mktemp()), MemoryReactorClock())
+        self.assertEqual(logLevel(), LogLevel.info)
 
     def test_makesAKeyFileOnce(self) -> None:
         dataDir = self.mktemp()
