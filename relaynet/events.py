@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from relaynet import logs
-from relaynet.listener import HybridListener, RelayedHttpRequest
+from relaynet.listener import HybridListener, RelayedHttpRequest, takeBody
 from relaynet.listener import readBody as readRelayedBody
 from relaynet.streams import resourceUri
 from relaynet.tokens import TokenProvider, getToken
@@ -80,8 +80,9 @@ def _headerDict(request: RelayedHttpRequest) -> dict[str, str]:
 
 class _MessageListener:
     """
-    A L{HybridListener} whose every request is one message: it is answered
-    with 202 at once, and its body handed to L{_received}.
+    A L{HybridListener} whose every request is one message, its body handed
+    to L{_received}.  Events and one-way messages go unanswered (the relay
+    wants no answer); any other request is answered with 202 at once.
     """
 
     _kind = "message"
@@ -111,8 +112,15 @@ class _MessageListener:
 
     def handleRequest(self, request: RelayedHttpRequest) -> None:
         headers = _headerDict(request)
-        request.respond(202)
-        request.finish()
+        if request.oneWay:
+            request.skipResponse()
+        else:
+            request.respond(202)
+            request.finish()
+        body = takeBody(request)
+        if body is not None:
+            self._received(body, headers)
+            return
         readRelayedBody(request).addCallbacks(
             lambda body: self._received(body, headers),
             lambda f: log.info("a {kind}'s body broke off: {reason}", kind=self._kind, reason=f.getErrorMessage()),
@@ -139,7 +147,7 @@ class EventSubscriber(_MessageListener):
 
         Printer(reactor, "ws://127.0.0.1:9090", "news", fromKey(name, key, reactor)).listen()
 
-    Each event is answered with 202 as soon as it arrives; an exception in
+    Events are not answered (the relay wants no answer); an exception in
     L{eventReceived} is logged and the subscription goes on.
 
     @ivar listener: the L{HybridListener} underneath (its C{status}).

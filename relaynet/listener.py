@@ -89,6 +89,7 @@ from relaynet.auth import SasToken
 from relaynet.protocols.websocket import ClockTimer, DirectIO, cancelTimers, stripRelayParameters
 from relaynet.protocols.control import encodeCommand
 from relaynet.protocols.frames import MessageReader, clientFrame, writeNow
+from relaynet.protocols.pubsub import EVENT_ID_PREFIX
 from relaynet.streams import (
     CloseWaiters,
     RelayAddress,
@@ -111,6 +112,7 @@ __all__ = [
     "RelayedHttpRequest",
     "RequestHandler",
     "readBody",
+    "takeBody",
     "defaultRetryPolicy",
     "sasTokenProvider",
 ]
@@ -196,6 +198,15 @@ def sasTokenProvider(keyName: str, key: str, clock: IReactorTime, ttl: int = 360
     return fromKey(keyName, key, clock, ttl)
 
 
+def takeBody(request: RelayedHttpRequest) -> bytes | None:
+    """
+    The whole body of C{request} now, if it has all come and nobody reads it
+    yet (as a body that came on the control channel has); it can then not be
+    read again.  L{None} otherwise: use L{readBody}.
+    """
+    return request._body.takeWhole()
+
+
 def readBody(request: RelayedHttpRequest) -> Deferred[bytes]:
     """
     Read the whole body of C{request}.
@@ -203,7 +214,7 @@ def readBody(request: RelayedHttpRequest) -> Deferred[bytes]:
     @return: a L{Deferred} that fires with the body, or fails if the body
         broke off.
     """
-    whole = request._body.takeWhole()
+    whole = takeBody(request)
     if whole is not None:
         return succeed(whole)
     collector = _BodyCollector()
@@ -486,6 +497,10 @@ class RelayedHttpRequest:
         for a body streamed over a rendezvous.
     @ivar overRendezvous: whether the request came over a rendezvous socket
         (its response then goes back over that socket).
+    @ivar oneWay: whether nobody waits for the response: the request is one
+        of a relaynet relay's events or one-way messages (its id starts
+        with C{evt_}) and came on the control channel.  It may be left
+        unanswered with L{skipResponse}; a response is dropped by the relay.
     """
 
     def __init__(
@@ -509,6 +524,7 @@ class RelayedHttpRequest:
         self.remote = remote
         self.bodyLength = bodyLength
         self.overRendezvous = rendezvous is not None
+        self.oneWay = rendezvous is None and requestId.startswith(EVENT_ID_PREFIX)
         self._listener = listener
         self._clock: IReactorTime = listener.reactor
         self._body = body
@@ -567,6 +583,8 @@ class RelayedHttpRequest:
         """
         if self._status is not None:
             raise RuntimeError("respond() was already called.")
+        if self._finished:
+            raise RuntimeError("skipResponse() was called.")
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 999:
             raise ValueError(f"{status!r} is not a status code between 100 and 999.")
         self._status = status
@@ -634,6 +652,23 @@ class RelayedHttpRequest:
         d: Deferred[None] = Deferred()
         self._notifications.append(d)
         return d
+
+    def skipResponse(self) -> None:
+        """
+        Send no response to a L{oneWay} request: the relay wants none, and
+        the answer would cost both sides a message for nothing.
+
+        @raise RuntimeError: if the request is not one-way, or a response
+            was started.
+        """
+        if not self.oneWay:
+            raise RuntimeError("Only a one-way request may go unanswered.")
+        if self._status is not None:
+            raise RuntimeError("respond() was already called.")
+        if self._finished:
+            raise RuntimeError("skipResponse() was already called.")
+        self._finished = True
+        self._done()
 
     def abort(self) -> None:
         """

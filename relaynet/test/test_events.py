@@ -5,12 +5,15 @@ Tests for L{relaynet.events}, against a real relay on 127.0.0.1.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from relaynet.events import EventPublisher, EventSubscriber, OneWayReceiver, OneWaySender, PublishError
+from relaynet.events import EventPublisher, EventSubscriber, OneWayReceiver, OneWaySender, PublishError, _Poster
+from relaynet.protocols.control import ControlChannel
+from relaynet.protocols.pubsub import EVENT_ID_PREFIX
 from relaynet.test.support import KEY, KEY_NAME, RelayFixture
 from relaynet.tokens import fromKey
 
@@ -59,6 +62,21 @@ class Base(TestCase):
         self.base = f"ws://{self.relay.host}"
         self.tokens = fromKey(KEY_NAME, KEY, reactor)
         return self.relay
+
+    def startRecording(self) -> list[dict[str, Any]]:
+        """
+        Start the relay, and record the responses its control channels get.
+        """
+        self.start()
+        answers: list[dict[str, Any]] = []
+        original = ControlChannel._response
+
+        def recording(channel: ControlChannel, response: dict[str, Any]) -> None:
+            answers.append(response)
+            original(channel, response)
+
+        self.patch(ControlChannel, "_response", recording)
+        return answers
 
     async def listening(self, cls: type, entity: str) -> object:
         listener = cls(reactor, self.base, entity, self.tokens)
@@ -110,6 +128,21 @@ class EventTests(Base):
         await settle(lambda: len(subscriber.events) == 4)  # type: ignore[attr-defined]
         self.assertEqual([b for b, _ in subscriber.events], [b"0", b"1", b"2", b"3"])  # type: ignore[attr-defined]
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+
+    async def test_eventsUnanswered(self) -> None:
+        """
+        A subscriber sends no answer to an event: the relay wants none.
+        """
+        answers = self.startRecording()
+        subscriber = await self.listening(Collector, "news")
+        publisher = EventPublisher(reactor, self.base, "news", self.tokens)
+        for i in range(5):
+            await publisher.publish(b"%d" % i)
+        await settle(lambda: len(subscriber.events) == 5)  # type: ignore[attr-defined]
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(subscriber.events), 5)  # type: ignore[attr-defined]
+        self.assertEqual(answers, [])
+        self.assertEqual(subscriber.listener._inFlight, set())  # type: ignore[attr-defined]
 
     async def test_slowSubscriber(self) -> None:
         """
@@ -171,6 +204,26 @@ class OneWayTests(Base):
         await deferLater(reactor, 0.2, lambda: None)
         got = [m for w in workers for m in w.messages]  # type: ignore[attr-defined]
         self.assertEqual(sorted(got), sorted(sent))
+
+    async def test_answersOnlyWhatIsWaitedOn(self) -> None:
+        """
+        One-way messages go unanswered; an ordinary request to the same
+        receiver is answered 202.  Its answer comes after wherever the
+        one-way messages' answers would have been, on the same control
+        channel.
+        """
+        answers = self.startRecording()
+        worker = await self.listening(Worker, "work")
+        sender = OneWaySender(reactor, self.base, "work", self.tokens)
+        for i in range(3):
+            await sender.send(b"one-way %d" % i)
+        await settle(lambda: len(worker.messages) == 3)  # type: ignore[attr-defined]
+        response = await _Poster(reactor, self.base, "work", self.tokens)._post(b"plain", "text/plain", None)
+        self.assertEqual(response.code, 202)
+        self.assertEqual(worker.messages, [b"one-way 0", b"one-way 1", b"one-way 2", b"plain"])  # type: ignore[attr-defined]
+        [answer] = answers
+        self.assertEqual(answer["statusCode"], 202)
+        self.assertFalse(answer["requestId"].startswith(EVENT_ID_PREFIX))
 
     async def test_noReceiver(self) -> None:
         self.start()

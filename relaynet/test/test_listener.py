@@ -711,6 +711,76 @@ class ControlChannelRequestTests(SynchronousTestCase):
         self.assertEqual(control.dataFrames(), [])
 
 
+class OneWayRequestTests(SynchronousTestCase):
+    """
+    A relaynet relay's events and one-way messages (ids starting with
+    C{evt_}) may go unanswered.
+    """
+
+    def test_oneWay(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest("evt_1", "POST"))
+        control.sendJson(fullRequest("r1", "POST"))
+        self.assertEqual([r.oneWay for r in h.handler.requests], [True, False])
+
+    def test_overARendezvousNot(self) -> None:
+        """
+        A request that came over a rendezvous is answered there, whatever
+        its id.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson({"request": {"address": address("evt_2", "hyco/big"), "id": "evt_2"}})
+        rendezvous = h.rendezvous()
+        rendezvous.sendJson(fullRequest("evt_2", "POST", "/hyco/big"))
+        [request] = h.handler.requests
+        self.assertFalse(request.oneWay)
+        self.assertRaises(RuntimeError, request.skipResponse)
+
+    def test_skipResponse(self) -> None:
+        """
+        C{skipResponse} sends nothing, finishes the request and lets the
+        listener forget it; no response may follow.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest("evt_1", "POST"))
+        [request] = h.handler.requests
+        self.assertIn(request, h.listener._inFlight)
+        request.skipResponse()
+        self.assertEqual(control.dataFrames(), [])
+        self.assertNotIn(request, h.listener._inFlight)
+        self.successResultOf(request.notifyFinish())
+        self.assertRaises(RuntimeError, request.respond, 202)
+        self.assertRaises(RuntimeError, request.skipResponse)
+
+    def test_skipOnlyOneWay(self) -> None:
+        """
+        A request somebody waits on cannot be skipped; it is answered as
+        usual afterwards.
+        """
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest("r1", "POST"))
+        [request] = h.handler.requests
+        error = self.assertRaises(RuntimeError, request.skipResponse)
+        self.assertEqual(str(error), "Only a one-way request may go unanswered.")
+        request.respond(202)
+        request.finish()
+        self.assertEqual(response(control)["statusCode"], 202)
+
+    def test_skipAfterRespond(self) -> None:
+        h = Harness()
+        control = h.listen()
+        control.sendJson(fullRequest("evt_1", "POST"))
+        [request] = h.handler.requests
+        request.respond(202)
+        self.assertRaises(RuntimeError, request.skipResponse)
+        request.finish()
+        self.assertEqual(response(control)["requestId"], "evt_1")
+
+
 class ControlReaderTests(SynchronousTestCase):
     """
     The listener reads its control channel with a L{MessageReader} for
