@@ -5,8 +5,9 @@ Processes besides this one: the relay (``twistd -n relaynet --event news``),
 one publisher (``--role publisher``: a WebSocket sender on the event entity,
 a streaming producer on its own transport, sending 1 KiB binary messages
 that start with an 8-byte sequence number) and 1-4 subscriber processes
-(``--role subscribers``: autobahn control channels counting the events they
-get and checking the sequence numbers).  The publisher stops after
+(``--role subscribers``: ``relaynet.events.EventSubscriber``s, as a user
+would subscribe, counting the events they get and checking the sequence
+numbers).  The publisher stops after
 ``--events`` events or ``--seconds`` seconds, whichever comes first; every
 subscriber must then get every event sent, in order.
 
@@ -37,6 +38,7 @@ from backpressure import (
     SAMPLE_INTERVAL,
     clientFactory,
     connect,
+    fatal,
     machine,
     ownPeakRss,
     resetPeak,
@@ -70,42 +72,33 @@ def url(args: argparse.Namespace, action: str) -> str:
 
 
 def runSubscribers(args: argparse.Namespace) -> None:
-    from autobahn.twisted.websocket import WebSocketClientProtocol
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
-    subs: list[Any] = []
+    from relaynet.events import EventSubscriber
+    from relaynet.tokens import fromKey
 
-    class Subscriber(WebSocketClientProtocol):
+    class Subscriber(EventSubscriber):
         count = 0
         errors = 0
         last = 0.0
-        expectBody = False
-        closedCode: int | None = None
 
-        def onOpen(self) -> None:
-            subs.append(self)
-            if len(subs) == args.count:
-                emit(event="ready")
+        def eventReceived(self, body: bytes, headers: dict[str, str]) -> None:
+            (seq,) = struct.unpack(">Q", body[:8])
+            if seq != self.count or len(body) != EVENT_SIZE:
+                self.errors += 1
+            self.count = seq + 1
+            self.last = time.time()
 
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:
-            if isBinary and self.expectBody:
-                self.expectBody = False
-                (seq,) = struct.unpack(">Q", payload[:8])
-                if seq != self.count or len(payload) != EVENT_SIZE:
-                    self.errors += 1
-                self.count = seq + 1
-                self.last = time.time()
-            elif not isBinary:
-                request = json.loads(payload).get("request")
-                if request is not None:
-                    self.expectBody = bool(request.get("body"))
+    provider = fromKey(KEY_NAME, args.key, reactor)
+    subs = [Subscriber(reactor, f"ws://127.0.0.1:{args.port}", ENTITY, provider, reconnect=False)
+            for _ in range(args.count)]
+    online: list[Subscriber] = []
 
-        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-            self.closedCode = code if code is not None else -1
-            if self not in subs:
-                emit(event="error", error=f"subscriber refused: {code} {reason}")
-                os._exit(EXIT_ERROR)
+    def subscribed(_: None, sub: Subscriber) -> None:
+        online.append(sub)
+        if len(online) == len(subs):
+            emit(event="ready")
 
     def report() -> None:
         emit(
@@ -113,18 +106,16 @@ def runSubscribers(args: argparse.Namespace) -> None:
             min=min((s.count for s in subs), default=0),
             max=max((s.count for s in subs), default=0),
             errors=sum(s.errors for s in subs),
-            closed=sum(1 for s in subs if s.closedCode is not None),
+            # Without reconnect=True a dropped subscriber goes offline.
+            closed=sum(1 for s in online if s.listener.status != "online"),
             last=max((s.last for s in subs), default=0.0),
             peakRss=ownPeakRss(),
             cpu=ownCpu(),
         )
 
     watchdog(reactor, args.deadline)
-    target = url(args, "listen")
-    factory = clientFactory(target, Subscriber)
-    factory.setProtocolOptions(utf8validateIncoming=False)
-    for _ in range(args.count):
-        connect(reactor, target, factory)
+    for sub in subs:
+        sub.listen().addCallbacks(subscribed, fatal, callbackArgs=(sub,))
     LoopingCall(report).start(SAMPLE_INTERVAL)
     reactor.run()
 

@@ -5,7 +5,7 @@ Event fan-out: relaynet event entity vs crossbar pub/sub.  One publisher,
 relaynet
     The relay (``twistd -n relaynet --event news --subscriber-outbox N``)
     with ``fanout.py``'s own roles: ``fanout.py --role subscribers`` (25
-    autobahn control channels per process) and ``fanout.py --role
+    ``relaynet.events.EventSubscriber``s per process) and ``fanout.py --role
     publisher`` (a WebSocket sender on the event entity; each message is
     one event).
 
