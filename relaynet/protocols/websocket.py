@@ -282,6 +282,74 @@ class DirectIO:
             self.transport.write(data)
 
 
+# The attributes autobahn gives every connection that, once it is open,
+# normally hold the value below until it closes (the handshake's, its
+# timers', the close's bookkeeping).  A 3.11 instance __dict__ of more than
+# 42 entries gets a table twice the size, and autobahn sets about 60: at
+# onOpen those still at this value leave the instance's dict, which is
+# rebuilt small, and reads find the class's value instead (set on
+# HybridConnectionProtocol below); a write puts the entry back.  Only
+# immutable values: nothing can change the class's copy in place.  About
+# 1 KiB less for each idle listener, 2 KiB for each relayed connection.
+_AT_REST: dict[str, object] = {
+    **dict.fromkeys(
+        (
+            "_perMessageCompress",
+            "_wskey",
+            "autoPingPending",
+            "autoPingPendingCall",
+            "autoPingPendingSent",
+            "autoPingTimeoutCall",
+            "closeHandshakeTimeoutCall",
+            "current_frame",
+            "http_headers",
+            "http_request_data",
+            "http_request_host",
+            "http_request_params",
+            "http_request_path",
+            "http_request_uri",
+            "http_response_data",
+            "http_status_line",
+            "localCloseCode",
+            "localCloseReason",
+            "openHandshakeTimeoutCall",
+            "remoteCloseCode",
+            "remoteCloseReason",
+            "trackedTimings",
+            "wasNotCleanReason",
+            "websocket_extensions",
+            "websocket_protocol_in_use",
+            "websocket_protocols",
+            "_pendingId",
+            "_pendingSender",
+        ),
+        None,
+    ),
+    **dict.fromkeys(
+        (
+            "closedByMe",
+            "droppedByMe",
+            "failedByMe",
+            "inside_message",
+            "triggered",
+            "wasClean",
+            "wasCloseHandshakeTimeout",
+            "wasMaxFramePayloadSizeExceeded",
+            "wasMaxMessagePayloadSizeExceeded",
+            "wasOpenHandshakeTimeout",
+            "wasServerConnectionDropTimeout",
+            "wasServingFlashSocketPolicyFile",
+        ),
+        False,
+    ),
+    "autoPingPendingSeq": 0,
+    "send_state": 0,
+    "data": b"",
+    "websocket_origin": "",
+    "websocket_version": 13,
+}
+
+
 class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: ignore[misc]
     """
     One WebSocket under C{/$hc/}: a control channel or one leg of a
@@ -301,10 +369,10 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
     # autobahn options the relay never changes, fixed here as class
     # attributes: autobahn copies each option it does not find on the
     # protocol from the factory onto every connection.  Keeping these off
-    # the instances keeps each connection's __dict__ under 86 entries, the
-    # point where CPython 3.11 doubles its table (from 1.5 to 3.25 KiB), a
-    # large part of what an idle connection costs (bench/idle.py).  Options
-    # set with factory.setProtocolOptions() do not apply to these.
+    # the instances keeps each connection's __dict__ under 86 entries while
+    # it opens, the point where CPython 3.11 doubles its table (from 1.5 to
+    # 3.25 KiB); once open, _AT_REST makes it smaller still (bench/idle.py).
+    # Options set with factory.setProtocolOptions() do not apply to these.
     logOctets = False
     logFrames = False
     trackTimings = False
@@ -434,13 +502,20 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
 
     def _handshakeOver(self) -> None:
         """
-        Let go of what only the opening handshake needed: about 5 KiB per
+        Let go of what only the opening handshake needed (about 5 KiB per
         connection, which idle listeners and relayed connections would
-        otherwise hold for their whole life.
+        otherwise hold for their whole life), and compact the instance's
+        C{__dict__} (see L{_AT_REST}).
         """
         for name in self._HANDSHAKE_ATTRIBUTES:
             setattr(self, name, None)
         self.info.forgetRequest()
+        state = self.__dict__
+        self.__dict__ = {
+            name: value
+            for name, value in state.items()
+            if not (name in _AT_REST and type(value) is type(_AT_REST[name]) and value == _AT_REST[name])
+        }
 
     def onOpen(self) -> None:
         from relaynet.protocols.request import RequestLeg
@@ -541,6 +616,11 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
             self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"The relay is shutting down.")
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
+
+
+for _name, _value in _AT_REST.items():
+    setattr(HybridConnectionProtocol, _name, _value)
+del _name, _value
 
 
 class ClockTimer:

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from relaynet.listener import HybridListener
 from relaynet.protocols import zerocopy
+from relaynet.protocols.websocket import _AT_REST, HybridConnectionProtocol
 from relaynet.streams import (
     AuthorizationError,
     ConnectTimeoutError,
@@ -557,9 +558,10 @@ class FootprintTests(TestCase):
 
     async def test_smallAttributeTables(self) -> None:
         """
-        An open control channel or leg keeps fewer than 86 attributes, the
-        size at which CPython 3.11 doubles an instance's table, and nothing
-        of its handshake's request.
+        An open control channel or leg keeps at most 42 attributes in its
+        own C{__dict__}, the most CPython 3.11 keeps in its smaller table,
+        and nothing of its handshake's request.  Those at rest are read from
+        the class, with the value they had.
         """
         control = await self.relay.listener("idle")
         await self.relay.pair("hyco")
@@ -567,10 +569,31 @@ class FootprintTests(TestCase):
         connections = list(self.relay.service.websockets.connections)
         self.assertGreaterEqual(len(connections), 3)
         for proto in connections:
-            self.assertLess(len(proto.__dict__), 86, proto.role)
+            self.assertLessEqual(len(proto.__dict__), 42, sorted(proto.__dict__))
             self.assertEqual((proto.info.headers, proto.info.query), ([], {}))
             self.assertNotIn("send_queue", proto.__dict__)
             self.assertNotIn("trafficStats", proto.__dict__)
+            # (A sender's _pendingSender is let go of after it opens.)
+            atRest = [name for name, value in vars(proto).items() if name in _AT_REST and value == _AT_REST[name]]
+            atRest = [name for name in atRest if name != "_pendingSender"]
+            self.assertEqual(atRest, [])
+            self.assertEqual(
+                (proto.wasClean, proto.closeHandshakeTimeoutCall, proto.data, proto.websocket_version),
+                (False, None, b"", 13),
+            )
+
+    async def test_closeAfterCompaction(self) -> None:
+        """
+        A compacted connection closes as any other: what the close writes
+        goes back into its own C{__dict__}, not the class's.
+        """
+        control = await self.relay.listener("idle")
+        [proto] = list(self.relay.service.websockets.connections)
+        control.sendClose(1000)
+        await control.closed
+        await waitFor(lambda: proto.state == proto.STATE_CLOSED)
+        self.assertEqual((proto.wasClean, proto.remoteCloseCode), (True, 1000))
+        self.assertEqual((HybridConnectionProtocol.wasClean, HybridConnectionProtocol.remoteCloseCode), (False, None))
 
 
 class NativePartyTests(TestCase):
