@@ -524,6 +524,8 @@ class RelayedHttpRequest:
         self.remote = remote
         self.bodyLength = bodyLength
         self.overRendezvous = rendezvous is not None
+        # A relaynet relay's own request ids are hex, and Azure's are not
+        # known to start with evt_ either: the prefix marks events only.
         self.oneWay = rendezvous is None and requestId.startswith(EVENT_ID_PREFIX)
         self._listener = listener
         self._clock: IReactorTime = listener.reactor

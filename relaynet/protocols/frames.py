@@ -386,6 +386,8 @@ class FrameReader:
         if not going:
             self.proto.reader = None
         self.proto._dataReceived(frame)
+        if going:
+            self.proto.controlFrameDone()
         # Closing (a close was sent): the peer may still send, and a
         # fragmented message may still be under way; closed: nothing more.
         return going and self.proto.state != CLOSED

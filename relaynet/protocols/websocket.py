@@ -272,6 +272,12 @@ class DirectIO:
         else:
             self._dataReceived(data)  # type: ignore[attr-defined]
 
+    def controlFrameDone(self) -> None:
+        """
+        The reader has handed autobahn a control frame, and autobahn has
+        dealt with it.
+        """
+
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue:
             # autobahn's queue, for synchronous or chopped sends.
@@ -286,9 +292,10 @@ class DirectIO:
 # normally hold the value below until it closes (the handshake's, its
 # timers', the close's bookkeeping).  A 3.11 instance __dict__ of more than
 # 42 entries gets a table twice the size, and autobahn sets about 60: at
-# onOpen those still at this value leave the instance's dict, which is
-# rebuilt small, and reads find the class's value instead (set on
-# HybridConnectionProtocol below); a write puts the entry back.  Only
+# the end of onOpen, and after each ping or pong, those at this value leave
+# the instance's dict, which is rebuilt small, and reads find the class's
+# value instead (set on HybridConnectionProtocol below); a write puts the
+# entry back.  Only
 # immutable values: nothing can change the class's copy in place.  About
 # 1 KiB less for each idle listener, 2 KiB for each relayed connection.
 _AT_REST: dict[str, object] = {
@@ -301,6 +308,7 @@ _AT_REST: dict[str, object] = {
             "autoPingPendingSent",
             "autoPingTimeoutCall",
             "closeHandshakeTimeoutCall",
+            "control_frame_data",
             "current_frame",
             "http_headers",
             "http_request_data",
@@ -502,20 +510,37 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
 
     def _handshakeOver(self) -> None:
         """
-        Let go of what only the opening handshake needed (about 5 KiB per
+        Let go of what only the opening handshake needed: about 5 KiB per
         connection, which idle listeners and relayed connections would
-        otherwise hold for their whole life), and compact the instance's
-        C{__dict__} (see L{_AT_REST}).
+        otherwise hold for their whole life.
         """
         for name in self._HANDSHAKE_ATTRIBUTES:
             setattr(self, name, None)
         self.info.forgetRequest()
-        state = self.__dict__
+
+    def _compact(self) -> None:
+        """
+        Rebuild the instance's C{__dict__} without the attributes at rest
+        (L{_AT_REST}): a dict never shrinks as entries leave it.
+        """
         self.__dict__ = {
             name: value
-            for name, value in state.items()
+            for name, value in self.__dict__.items()
             if not (name in _AT_REST and type(value) is type(_AT_REST[name]) and value == _AT_REST[name])
         }
+
+    def controlFrameDone(self) -> None:
+        # A ping answered, or a pong that ends autobahn's wait for one,
+        # leaves its bookkeeping at rest again, but on the instance; and
+        # the frame's unmasker, which autobahn makes anew for each frame.
+        # When traffic ends the wait instead (autoPingRestartOnAnyTraffic),
+        # autobahn leaves the last ping's time behind, which only the next
+        # ping reads, after setting it: cleared as a matching pong clears it.
+        if self.state == self.STATE_OPEN:
+            self.__dict__.pop("current_frame_masker", None)
+            if self.autoPingPending is None:
+                self.autoPingPendingSent = None
+            self._compact()
 
     def onOpen(self) -> None:
         from relaynet.protocols.request import RequestLeg
@@ -530,6 +555,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
             # them before either can send.
             pending, self._pendingSender = self._pendingSender, None
             pending.join(self)
+        self._compact()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isinstance(self.role, ControlChannel):

@@ -573,14 +573,42 @@ class FootprintTests(TestCase):
             self.assertEqual((proto.info.headers, proto.info.query), ([], {}))
             self.assertNotIn("send_queue", proto.__dict__)
             self.assertNotIn("trafficStats", proto.__dict__)
-            # (A sender's _pendingSender is let go of after it opens.)
             atRest = [name for name, value in vars(proto).items() if name in _AT_REST and value == _AT_REST[name]]
-            atRest = [name for name in atRest if name != "_pendingSender"]
             self.assertEqual(atRest, [])
             self.assertEqual(
                 (proto.wasClean, proto.closeHandshakeTimeoutCall, proto.data, proto.websocket_version),
                 (False, None, b"", 13),
             )
+
+    async def test_compactAfterPings(self) -> None:
+        """
+        A listener's control channel that has been pinged and has answered
+        is compacted again: what autobahn wrote back at rest leaves it, and
+        it keeps at most 21 entries (the smallest table but one) between
+        pings.
+        """
+        relay = RelayFixture(self, ["--entity", "pinged", "--ping-interval", "0.2", "--ping-timeout", "5"])
+        seen: list[tuple[list[str], list[str]]] = []
+
+        def look(proto: HybridConnectionProtocol) -> None:
+            state = vars(proto)
+            seen.append(([name for name, value in state.items() if name in _AT_REST and value == _AT_REST[name]], sorted(state)))
+
+        original = HybridConnectionProtocol.onPong
+
+        def onPong(proto: HybridConnectionProtocol, payload: bytes) -> None:
+            original(proto, payload)
+            # Once the frame is done with.
+            reactor.callLater(0, look, proto)
+
+        self.patch(HybridConnectionProtocol, "onPong", onPong)
+        control = await relay.listener("pinged")
+        self.addCleanup(lambda: control.sendClose(1000))
+        await waitFor(lambda: len(seen) >= 3)
+        for atRest, names in seen:
+            self.assertEqual(atRest, [])
+            self.assertNotIn("current_frame_masker", names)
+            self.assertLessEqual(len(names), 21, names)
 
     async def test_closeAfterCompaction(self) -> None:
         """

@@ -17,6 +17,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from relaynet.auth import Rights, mintToken
+from relaynet.logs import logLevel, setLogLevel
 from relaynet.service import KEY_FILE, ROOT_RULE, RelayService, loadOrCreateKey
 from relaynet.tap import Options
 from relaynet.test.test_websocket import HOST, KEY, KEY_NAME, NOW, Peer, token
@@ -121,6 +122,12 @@ class StartTests(SynchronousTestCase):
         self.assertEqual(shown[0]["name"], ROOT_RULE)
 
     def test_givenKeyIsNotShown(self) -> None:
+        """
+        A key given on the command line is in no log event, debug ones
+        included.
+        """
+        self.addCleanup(setLogLevel, logLevel())
+        setLogLevel("debug")
         reactor = MemoryReactorClock()
         service = _service(reactor, "--rule", f"{KEY_NAME}={KEY}", "--data-dir", self.mktemp())
         with capturedLogs() as events:

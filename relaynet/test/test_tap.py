@@ -31,6 +31,10 @@ def parse(*args: str) -> Options:
 
 
 class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # makeService sets relaynet's log level for the process.
+        self.addCleanup(setLogLevel, logLevel())
+
     def test_defaults(self) -> None:
         options = parse()
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
@@ -141,6 +145,10 @@ class OptionsTests(SynchronousTestCase):
 
 
 class ConfigFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # makeService sets relaynet's log level for the process.
+        self.addCleanup(setLogLevel, logLevel())
+
     def config(self, text: str) -> str:
         path = self.mktemp()
         with open(path, "w") as f:
@@ -268,6 +276,10 @@ class ConfigFileTests(SynchronousTestCase):
 
 
 class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # makeService sets relaynet's log level for the process.
+        self.addCleanup(setLogLevel, logLevel())
+
     def test_listensOnTheEndpoints(self) -> None:
         reactor = MemoryReactorClock()
         options = parse(
@@ -283,7 +295,6 @@ class MakeServiceTests(SynchronousTestCase):
         """
         The service sets relaynet's log level: C{info} unless asked.
         """
-        self.addCleanup(setLogLevel, logLevel())
         makeService(parse("--log-level", "debug", "--data-dir", self.mktemp()), MemoryReactorClock())
         self.assertEqual(logLevel(), LogLevel.debug)
         makeService(parse("--data-dir", self.mktemp()), MemoryReactorClock())
