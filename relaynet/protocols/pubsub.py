@@ -238,10 +238,9 @@ class PublisherLeg:
             "Content-Length": str(len(body)),
             "Via": f"1.1 {info.hostname}",
         }
-        target = "/" + self.entity.name + self.suffix
-
+        name = self.entity.name + self.suffix
         self.relay.registry.broadcast(
-            self.entity, SharedCommand(entityPath(self.entity.name + self.suffix), target, headers, info.remoteEndpoint(), True), body
+            self.entity, SharedCommand(entityPath(name), "/" + name, headers, info.remoteEndpoint(), True), body
         )
 
     def closeFrame(self, code: int | None, reason: bytes | None) -> bool:

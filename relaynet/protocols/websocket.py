@@ -295,9 +295,9 @@ class DirectIO:
 # the end of onOpen, and after each ping or pong, those at this value leave
 # the instance's dict, which is rebuilt small, and reads find the class's
 # value instead (set on HybridConnectionProtocol below); a write puts the
-# entry back.  Only
-# immutable values: nothing can change the class's copy in place.  About
-# 1 KiB less for each idle listener, 2 KiB for each relayed connection.
+# entry back.  Only immutable values: nothing can change the class's copy
+# in place.  About 1 KiB less for each idle listener, 2 KiB for each
+# relayed connection.
 _AT_REST: dict[str, object] = {
     **dict.fromkeys(
         (
@@ -356,6 +356,17 @@ _AT_REST: dict[str, object] = {
     "websocket_origin": "",
     "websocket_version": 13,
 }
+
+
+def atRest(name: str, value: object) -> bool:
+    """
+    Whether attribute C{name} holds its L{_AT_REST} value (of the same type:
+    C{0} is not C{False}).
+    """
+    if name not in _AT_REST:
+        return False
+    rest = _AT_REST[name]
+    return type(value) is type(rest) and value == rest
 
 
 class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: ignore[misc]
@@ -523,11 +534,7 @@ class HybridConnectionProtocol(DirectIO, WebSocketServerProtocol):  # type: igno
         Rebuild the instance's C{__dict__} without the attributes at rest
         (L{_AT_REST}): a dict never shrinks as entries leave it.
         """
-        self.__dict__ = {
-            name: value
-            for name, value in self.__dict__.items()
-            if not (name in _AT_REST and type(value) is type(_AT_REST[name]) and value == _AT_REST[name])
-        }
+        self.__dict__ = {name: value for name, value in self.__dict__.items() if not atRest(name, value)}
 
     def controlFrameDone(self) -> None:
         # A ping answered, or a pong that ends autobahn's wait for one,

@@ -22,6 +22,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -30,6 +31,7 @@ from zope.interface import implementer
 from relaynet import cli
 from relaynet.auth import Authorizer, Rights, Rule
 from relaynet.errors import Forbidden
+from relaynet.logs import logLevel, setLogLevel
 from relaynet.service import RelayService
 from relaynet.streams import NoListenerError, connectStream
 from relaynet.tap import Options
@@ -304,6 +306,26 @@ class OptionsTests(SynchronousTestCase):
 
 
 # token
+
+
+class LogToTests(SynchronousTestCase):
+    """
+    C{_logTo}: C{--verbose} lets relaynet's debug events through too.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(setLogLevel, logLevel())
+        self.begun: list[Any] = []
+        self.patch(cli.globalLogBeginner, "beginLoggingTo", lambda observers, **kwargs: self.begun.append(observers))
+        setLogLevel("info")
+
+    def test_verbose(self) -> None:
+        cli._logTo(io.StringIO(), True)
+        self.assertEqual((logLevel(), len(self.begun)), (LogLevel.debug, 1))
+
+    def test_quiet(self) -> None:
+        cli._logTo(io.StringIO(), False)
+        self.assertEqual((logLevel(), len(self.begun)), (LogLevel.info, 1))
 
 
 class TokenTests(CliCase):

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from relaynet.listener import HybridListener
 from relaynet.protocols import zerocopy
-from relaynet.protocols.websocket import _AT_REST, HybridConnectionProtocol
+from relaynet.protocols.websocket import HybridConnectionProtocol, atRest
 from relaynet.streams import (
     AuthorizationError,
     ConnectTimeoutError,
@@ -573,8 +573,7 @@ class FootprintTests(TestCase):
             self.assertEqual((proto.info.headers, proto.info.query), ([], {}))
             self.assertNotIn("send_queue", proto.__dict__)
             self.assertNotIn("trafficStats", proto.__dict__)
-            atRest = [name for name, value in vars(proto).items() if name in _AT_REST and value == _AT_REST[name]]
-            self.assertEqual(atRest, [])
+            self.assertEqual([name for name, value in vars(proto).items() if atRest(name, value)], [])
             self.assertEqual(
                 (proto.wasClean, proto.closeHandshakeTimeoutCall, proto.data, proto.websocket_version),
                 (False, None, b"", 13),
@@ -592,7 +591,7 @@ class FootprintTests(TestCase):
 
         def look(proto: HybridConnectionProtocol) -> None:
             state = vars(proto)
-            seen.append(([name for name, value in state.items() if name in _AT_REST and value == _AT_REST[name]], sorted(state)))
+            seen.append(([name for name, value in state.items() if atRest(name, value)], sorted(state)))
 
         original = HybridConnectionProtocol.onPong
 
@@ -605,8 +604,8 @@ class FootprintTests(TestCase):
         control = await relay.listener("pinged")
         self.addCleanup(lambda: control.sendClose(1000))
         await waitFor(lambda: len(seen) >= 3)
-        for atRest, names in seen:
-            self.assertEqual(atRest, [])
+        for resting, names in seen:
+            self.assertEqual(resting, [])
             self.assertNotIn("current_frame_masker", names)
             self.assertLessEqual(len(names), 21, names)
 

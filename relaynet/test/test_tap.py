@@ -254,6 +254,7 @@ class ConfigFileTests(SynchronousTestCase):
             'anonymous-senders = "abc"\n',
             '[[rule]]\nname = "a"\nkey = "k"\nrights = []\n',
             '[[rule]]\nname = "a"\nkey = "k"\nrights = ""\n',
+            "log-level = 10\n",
         ]:
             with self.subTest(text=text):
                 self.assertRaises(usage.UsageError, parse, "--config", self.config(text))
